@@ -1,0 +1,142 @@
+"""Building blocks shared by both custom resources.
+
+Every model here is the single source of truth for the CRD schema (see `llmray.crdgen`):
+field descriptions become `kubectl explain` text, defaults become CRD defaults. Import
+nothing heavy (no kopf, kubernetes, torch, ray): the operator, trainer and server all read
+these models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+GROUP = "llmray.io"  # e.g. apiVersion: llmray.io/v1alpha1
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# hf://ORG/NAME, s3://BUCKET/KEY, gs://BUCKET/KEY, pvc://CLAIM/PATH, file:///PATH, or a plain
+# path (absolute, or relative to the YAML file's folder when run locally).
+URI_SCHEMES = ("hf", "s3", "gs", "pvc", "file")
+URI_PATTERN = r"^((hf|s3|gs|pvc)://[^/\s]+(/\S*)?|file:///\S*|[^:\s]+)$"
+_URI_RE = re.compile(URI_PATTERN)
+# Kubernetes quantity, e.g. "8", "500m", "48Gi".
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def _check_uri(value: str) -> str:
+    if not _URI_RE.match(value):
+        raise ValueError(
+            "must be a path or a URI with one of the schemes "
+            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+        )
+    return value
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not _QUANTITY_RE.match(value):
+        raise ValueError('must be a Kubernetes quantity such as "8", "500m" or "48Gi"')
+    return value
+
+
+Uri = Annotated[str, AfterValidator(_check_uri), Field(json_schema_extra={"pattern": URI_PATTERN})]
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+Accelerator = Literal["cpu", "nvidia-gpu", "intel-gpu"]
+
+
+class Model(BaseModel):
+    """Base for every spec model: camelCase names in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class SecretRef(Model):
+    """A Secret in the same namespace; its keys become environment variables of the pods."""
+
+    name: str = Field(description="Name of a Secret in the resource's namespace.", min_length=1)
+
+
+class SecretKeyRef(Model):
+    """One key of a Secret in the same namespace."""
+
+    name: str = Field(description="Name of a Secret in the resource's namespace.", min_length=1)
+    key: str = Field(default="key", description="Key inside the Secret holding the value.")
+
+
+class Resources(Model):
+    """Resources requested for each Ray worker pod (or server replica)."""
+
+    cpu: Quantity = Field(default=1, description='CPU cores, a quantity such as 8 or "500m".')
+    memory: Quantity | None = Field(
+        default=None, description='Memory, a quantity such as "48Gi". Unset: no memory request.'
+    )
+    gpu: int = Field(
+        default=0,
+        ge=0,
+        description="Accelerators per pod (nvidia.com/gpu or gpu.intel.com/i915, from the "
+        "accelerator).",
+    )
+
+
+class Toleration(Model):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(default=None, description="Taint value to match.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    tolerationSeconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class EnvVar(Model):
+    """An environment variable (core/v1 EnvVar): a literal value or valueFrom a Secret."""
+
+    name: str = Field(description="Variable name.", min_length=1)
+    value: str | None = Field(default=None, description="Literal value.")
+    valueFrom: dict[str, Any] | None = Field(
+        default=None,
+        description="Source for the value (secretKeyRef, configMapKeyRef, fieldRef, ...), as in "
+        "a Pod spec.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Condition(Model):
+    """A status condition in the metav1.Condition shape."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    type: str = Field(description="Condition type, e.g. Ready, Succeeded, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason, e.g. InvalidSpec.")
+    message: str = Field(default="", description="Human-readable detail.")
+    lastTransitionTime: str = Field(default="", description="RFC 3339 time of the last change.")
+    observedGeneration: int = Field(default=0, description="metadata.generation it reflects.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the CLI and the validators read; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="DNS-1123 label: lowercase letters, digits and '-'.",
+    )
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)

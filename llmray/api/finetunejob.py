@@ -1,0 +1,303 @@
+"""FineTuneJob (short name `ftj`): fine-tune a base model on a dataset, export HF format.
+
+Field names are the public contract (DESIGN.md): add fields where users need them, never
+rename these.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from llmray.api.common import (
+    API_VERSION,
+    Accelerator,
+    Condition,
+    EnvVar,
+    Model,
+    ObjectMeta,
+    Quantity,
+    Resources,
+    SecretRef,
+    Toleration,
+    Uri,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"  # e.g. kubectl get finetunejobs
+SHORT_NAME = "ftj"
+
+DatasetFormat = Literal["instruction", "text", "chat"]
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["bf16", "fp16", "fp32"]
+LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+StrategyType = Literal["ddp", "deepspeed"]
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+class BaseModelSource(Model):
+    """Where the base model comes from."""
+
+    uri: Uri = Field(
+        description="hf://ORG/NAME, s3://BUCKET/PATH, gs://BUCKET/PATH, pvc://CLAIM/PATH or "
+        "file:///PATH: a Hugging Face model folder, or a single .gguf file (dequantized and "
+        "converted to HF format once, in the run's work dir)."
+    )
+    revision: str | None = Field(
+        default=None, description="Branch, tag or commit of an hf:// model. Default main."
+    )
+    secretRef: SecretRef | None = Field(
+        default=None,
+        description="Secret with credentials for the model source (e.g. HF_TOKEN, "
+        "AWS_ACCESS_KEY_ID); its keys become environment variables of the training pods.",
+    )
+
+
+class Dataset(Model):
+    """Training (and evaluation) data: JSON lines, JSON or Parquet, one example a record."""
+
+    train: Uri = Field(description="Training data file (.jsonl, .json or .parquet); URI or path.")
+    eval: Uri | None = Field(
+        default=None, description="Evaluation data file in the same format. Optional."
+    )
+    evalFraction: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Share of the training data held out for evaluation when eval is unset.",
+    )
+    format: DatasetFormat = Field(
+        default="instruction",
+        description='instruction: {"instruction", "context", "response"}; text: {"input"}; '
+        'chat: {"messages": [{"role", "content"}]} rendered with the tokenizer\'s chat '
+        "template (or llmray's default template when the tokenizer has none).",
+    )
+    specialTokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens added to the tokenizer (embeddings resized), e.g. <ASSISTANT>.",
+    )
+    maxSeqLength: int = Field(
+        default=512, ge=8, le=131072, description="Examples are truncated to this many tokens."
+    )
+    maskPrompt: bool = Field(
+        default=True,
+        description="Compute the loss on response tokens only (instruction and chat formats).",
+    )
+
+
+class Lora(Model):
+    """LoRA adapter settings (method lora or qlora)."""
+
+    rank: int = Field(default=8, ge=1, le=1024, description="Rank r of the update matrices.")
+    alpha: int = Field(default=16, ge=1, description="Scaling alpha (update scaled by alpha/r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targetModules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Names of the modules that get adapters, e.g. q_proj, v_proj.",
+    )
+
+
+class Hyperparameters(Model):
+    """Optimisation settings."""
+
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    maxSteps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    learningRate: float = Field(default=2.0e-5, gt=0, description="Peak learning rate (AdamW).")
+    batchSizePerWorker: int = Field(default=8, ge=1, description="Micro-batch size per worker.")
+    gradientAccumulationSteps: int = Field(
+        default=1, ge=1, description="Micro-batches accumulated per optimizer step."
+    )
+    warmupRatio: float = Field(
+        default=0.0, ge=0, lt=1, description="Share of the total steps spent warming up."
+    )
+    weightDecay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    lrScheduler: LrScheduler = Field(
+        default="cosine", description="linear, cosine, constant or constant_with_warmup."
+    )
+    seed: int = Field(
+        default=42, ge=0, description="Seed for init, shuffling and dropout: same seed, same losses."
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="bf16, fp16 or fp32. On CPUs without bf16 hardware (no AMX / AVX-512 BF16) "
+        "bf16 is ~10x slower than fp32: a warning is logged.",
+    )
+    gradientCheckpointing: bool = Field(
+        default=False, description="Recompute activations in backward to save memory."
+    )
+    torchCompile: bool = Field(
+        default=False,
+        description="torch.compile the model: faster steady state after a compile pause "
+        "(measured on CPU: ~3x after ~50 s). ddp only.",
+    )
+    logEverySteps: int = Field(default=1, ge=1, description="Report progress every N steps.")
+
+
+class Strategy(Model):
+    """How the model is spread over the workers."""
+
+    type: StrategyType = Field(
+        default="ddp", description="ddp (gloo on CPU, nccl on GPU) or deepspeed (ZeRO)."
+    )
+    zeroStage: Literal[1, 2, 3] | None = Field(
+        default=None, description="DeepSpeed ZeRO stage 1, 2 or 3 (deepspeed only; default 2)."
+    )
+    offloadOptimizer: bool = Field(
+        default=False, description="ZeRO: keep optimizer state in host memory (deepspeed only)."
+    )
+    offloadParameters: bool = Field(
+        default=False, description="ZeRO-3: keep parameters in host memory (zeroStage 3 only)."
+    )
+
+
+class Rank0(Model):
+    """Placement of world rank 0, which gathers the full weights at checkpoint time."""
+
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels for rank 0's pod, e.g. llmray.io/memory-class: large; also set "
+        "as a Ray node label so Ray Train places rank 0 there.",
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description="Memory request of rank 0's pod; unset: estimated from the model size "
+        "(about 4x the model's bytes to consolidate a ZeRO-3 checkpoint).",
+    )
+
+
+class Compute(Model):
+    """The workers: how many, on which hardware."""
+
+    accelerator: Accelerator = Field(default="cpu", description="cpu, nvidia-gpu or intel-gpu.")
+    ipex: bool = Field(
+        default=False,
+        description="Use Intel Extension for PyTorch (cpu or intel-gpu; needs the Intel image).",
+    )
+    workers: int = Field(default=1, ge=1, le=4096, description="Ray Train workers (world size).")
+    resourcesPerWorker: Resources = Field(
+        default_factory=Resources, description="Resources of each worker."
+    )
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels every worker pod must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of the worker pods."
+    )
+    rank0: Rank0 | None = Field(
+        default=None,
+        description="Put rank 0 on a dedicated (large-memory) node; unset: anywhere.",
+    )
+
+
+class Checkpointing(Model):
+    """When and where checkpoints are written; a re-run of the same job resumes from them."""
+
+    storageUri: Uri | None = Field(
+        default=None,
+        description="Ray Train storage_path (s3://, gs://, pvc://, file:// or a path). Unset: "
+        "~/.llmray/runs locally, the run's ConfigMap-resolved default on a cluster.",
+    )
+    everySteps: int | None = Field(
+        default=None, ge=1, description="Checkpoint every N optimizer steps."
+    )
+    everyEpoch: bool = Field(default=True, description="Checkpoint at the end of each epoch.")
+    keep: int = Field(default=2, ge=1, description="Checkpoints kept (latest ones).")
+
+
+class Output(Model):
+    """Where the final model goes."""
+
+    uri: Uri | None = Field(
+        default=None,
+        description="Destination of the final model in Hugging Face format, with tokenizer. "
+        "Unset: the run's folder under checkpointing.storageUri.",
+    )
+    mergeLora: bool = Field(
+        default=True, description="lora: merge the adapter into the base weights on export."
+    )
+
+
+class FineTuneJobSpec(Model):
+    """What to fine-tune, on what, how, and where the result goes."""
+
+    baseModel: BaseModelSource = Field(description="The model to start from.")
+    dataset: Dataset = Field(description="Training and evaluation data.")
+    method: Method = Field(
+        default="full", description="full, lora (peft adapters) or qlora (4-bit, nvidia-gpu)."
+    )
+    lora: Lora | None = Field(default=None, description="LoRA settings (method lora/qlora).")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimisation settings."
+    )
+    strategy: Strategy = Field(default_factory=Strategy, description="ddp or DeepSpeed ZeRO.")
+    compute: Compute = Field(default_factory=Compute, description="Workers and hardware.")
+    checkpointing: Checkpointing = Field(
+        default_factory=Checkpointing, description="Checkpoints and resume."
+    )
+    output: Output = Field(default_factory=Output, description="The exported model.")
+    maxRetries: int = Field(
+        default=1,
+        ge=0,
+        description="Restarts after a worker failure, each resuming from the latest checkpoint.",
+    )
+    activeDeadlineSeconds: int | None = Field(
+        default=None, ge=1, description="Fail the job after this many seconds."
+    )
+    image: str = Field(default="", description="Trainer image override; empty: the default.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Extra environment variables of the training pods (e.g. S3 credentials "
+        "valueFrom a Secret).",
+    )
+
+
+class Progress(Model):
+    """Training progress reported by the trainer."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    epoch: int = Field(default=0, description="Current epoch (0-based).")
+    step: int = Field(default=0, description="Optimizer steps done.")
+    totalSteps: int = Field(default=0, description="Optimizer steps planned.")
+    trainLoss: float = Field(default=0.0, description="Latest training loss.")
+    evalLoss: float | None = Field(default=None, description="Latest evaluation loss.")
+    tokensPerSecond: float = Field(default=0.0, description="Training tokens per second.")
+
+
+class ModelRef(Model):
+    """Where the produced model is."""
+
+    uri: str = Field(default="", description="URI of the exported model.")
+
+
+class FineTuneJobStatus(Model):
+    """Observed state, written by the operator (or by `llmray finetune` locally)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    phase: Phase = Field(default="Pending", description="Pending, Running, Succeeded, Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    observedGeneration: int = Field(default=0, description="Generation last reconciled.")
+    rayJobName: str = Field(default="", description="The RayJob running this job.")
+    dashboardURL: str = Field(default="", description="Ray dashboard of the run.")
+    startTime: str = Field(default="", description="RFC 3339 start time.")
+    completionTime: str = Field(default="", description="RFC 3339 end time.")
+    progress: Progress = Field(default_factory=Progress, description="Training progress.")
+    latestCheckpoint: str = Field(default="", description="URI of the latest checkpoint.")
+    model: ModelRef = Field(default_factory=ModelRef, description="The produced model.")
+
+
+class FineTuneJob(Model):
+    """A fine-tuning run: `kubectl apply` it, or `llmray finetune FILE.yaml` locally."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    apiVersion: Literal["llmray.io/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
