@@ -26,6 +26,23 @@ _URI_RE = re.compile(URI_PATTERN)
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
+# Upper bounds on strings, lists and maps. Besides catching mistakes early, they let the
+# apiserver estimate the cost of CEL rules: an unbounded string or list is priced as if it
+# filled a whole 3 MB request, and a CRD whose rules exceed the cost budget is rejected.
+NAME_MAX_LENGTH = 253  # a DNS subdomain, e.g. a Secret name
+URI_MAX_LENGTH = 2048
+LABEL_VALUE_MAX_LENGTH = 63
+SELECTOR_MAX_LABELS = 64  # entries of a nodeSelector
+TOLERATIONS_MAX_ITEMS = 64
+ENV_MAX_ITEMS = 256
+ENV_VALUE_MAX_LENGTH = 32768
+IMAGE_MAX_LENGTH = 1024
+# status.conditions is keyed by type, as metav1.Condition (+listType=map +listMapKey=type).
+CONDITIONS_LIST_MAP: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+
 
 def _check_uri(value: str) -> str:
     if not _URI_RE.match(value):
@@ -42,11 +59,20 @@ def _check_quantity(value: int | str) -> int | str:
     return value
 
 
-Uri = Annotated[str, AfterValidator(_check_uri), Field(json_schema_extra={"pattern": URI_PATTERN})]
+Uri = Annotated[
+    str,
+    AfterValidator(_check_uri),
+    Field(max_length=URI_MAX_LENGTH, json_schema_extra={"pattern": URI_PATTERN}),
+]
 Quantity = Annotated[
     int | str,
     AfterValidator(_check_quantity),
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+]
+# Node labels to match, e.g. {"llmray.io/memory-class": "large"}.
+NodeSelector = Annotated[
+    dict[str, Annotated[str, Field(max_length=LABEL_VALUE_MAX_LENGTH)]],
+    Field(max_length=SELECTOR_MAX_LABELS),
 ]
 Accelerator = Literal["cpu", "nvidia-gpu", "intel-gpu"]
 
@@ -60,14 +86,26 @@ class Model(BaseModel):
 class SecretRef(Model):
     """A Secret in the same namespace; its keys become environment variables of the pods."""
 
-    name: str = Field(description="Name of a Secret in the resource's namespace.", min_length=1)
+    name: str = Field(
+        description="Name of a Secret in the resource's namespace.",
+        min_length=1,
+        max_length=NAME_MAX_LENGTH,
+    )
 
 
 class SecretKeyRef(Model):
     """One key of a Secret in the same namespace."""
 
-    name: str = Field(description="Name of a Secret in the resource's namespace.", min_length=1)
-    key: str = Field(default="key", description="Key inside the Secret holding the value.")
+    name: str = Field(
+        description="Name of a Secret in the resource's namespace.",
+        min_length=1,
+        max_length=NAME_MAX_LENGTH,
+    )
+    key: str = Field(
+        default="key",
+        max_length=NAME_MAX_LENGTH,
+        description="Key inside the Secret holding the value.",
+    )
 
 
 class Resources(Model):
@@ -88,11 +126,18 @@ class Resources(Model):
 class Toleration(Model):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
+    key: str | None = Field(
+        # A qualified name: a 253-character DNS prefix, "/", a 63-character name.
+        default=None,
+        max_length=317,
+        description="Taint key the toleration applies to.",
+    )
     operator: Literal["Exists", "Equal"] | None = Field(
         default=None, description="Exists or Equal (default Equal)."
     )
-    value: str | None = Field(default=None, description="Taint value to match.")
+    value: str | None = Field(
+        default=None, max_length=LABEL_VALUE_MAX_LENGTH, description="Taint value to match."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all."
     )
@@ -104,8 +149,10 @@ class Toleration(Model):
 class EnvVar(Model):
     """An environment variable (core/v1 EnvVar): a literal value or valueFrom a Secret."""
 
-    name: str = Field(description="Variable name.", min_length=1)
-    value: str | None = Field(default=None, description="Literal value.")
+    name: str = Field(description="Variable name.", min_length=1, max_length=NAME_MAX_LENGTH)
+    value: str | None = Field(
+        default=None, max_length=ENV_VALUE_MAX_LENGTH, description="Literal value."
+    )
     valueFrom: dict[str, Any] | None = Field(
         default=None,
         description="Source for the value (secretKeyRef, configMapKeyRef, fieldRef, ...), as in "

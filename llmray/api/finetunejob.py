@@ -6,16 +6,21 @@ rename these.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 
 from llmray.api.common import (
     API_VERSION,
+    CONDITIONS_LIST_MAP,
+    ENV_MAX_ITEMS,
+    IMAGE_MAX_LENGTH,
+    TOLERATIONS_MAX_ITEMS,
     Accelerator,
     Condition,
     EnvVar,
     Model,
+    NodeSelector,
     ObjectMeta,
     Quantity,
     Resources,
@@ -34,6 +39,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 StrategyType = Literal["ddp", "deepspeed"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+# A token or module name, e.g. "<ASSISTANT>" or "q_proj".
+ShortString = Annotated[str, Field(max_length=256)]
 
 
 class BaseModelSource(Model):
@@ -45,7 +52,9 @@ class BaseModelSource(Model):
         "converted to HF format once, in the run's work dir)."
     )
     revision: str | None = Field(
-        default=None, description="Branch, tag or commit of an hf:// model. Default main."
+        default=None,
+        max_length=256,
+        description="Branch, tag or commit of an hf:// model. Default main.",
     )
     secretRef: SecretRef | None = Field(
         default=None,
@@ -73,8 +82,9 @@ class Dataset(Model):
         'chat: {"messages": [{"role", "content"}]} rendered with the tokenizer\'s chat '
         "template (or llmray's default template when the tokenizer has none).",
     )
-    specialTokens: list[str] = Field(
+    specialTokens: list[ShortString] = Field(
         default_factory=list,
+        max_length=1024,
         description="Tokens added to the tokenizer (embeddings resized), e.g. <ASSISTANT>.",
     )
     maxSeqLength: int = Field(
@@ -92,9 +102,10 @@ class Lora(Model):
     rank: int = Field(default=8, ge=1, le=1024, description="Rank r of the update matrices.")
     alpha: int = Field(default=16, ge=1, description="Scaling alpha (update scaled by alpha/r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    targetModules: list[str] = Field(
+    targetModules: list[ShortString] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
+        max_length=256,
         description="Names of the modules that get adapters, e.g. q_proj, v_proj.",
     )
 
@@ -119,7 +130,9 @@ class Hyperparameters(Model):
         default="cosine", description="linear, cosine, constant or constant_with_warmup."
     )
     seed: int = Field(
-        default=42, ge=0, description="Seed for init, shuffling and dropout: same seed, same losses."
+        default=42,
+        ge=0,
+        description="Seed for init, shuffling and dropout: same seed, same losses.",
     )
     precision: Precision = Field(
         default="fp32",
@@ -157,7 +170,7 @@ class Strategy(Model):
 class Rank0(Model):
     """Placement of world rank 0, which gathers the full weights at checkpoint time."""
 
-    nodeSelector: dict[str, str] = Field(
+    nodeSelector: NodeSelector = Field(
         default_factory=dict,
         description="Node labels for rank 0's pod, e.g. llmray.io/memory-class: large; also set "
         "as a Ray node label so Ray Train places rank 0 there.",
@@ -181,11 +194,13 @@ class Compute(Model):
     resourcesPerWorker: Resources = Field(
         default_factory=Resources, description="Resources of each worker."
     )
-    nodeSelector: dict[str, str] = Field(
+    nodeSelector: NodeSelector = Field(
         default_factory=dict, description="Node labels every worker pod must match."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Tolerations of the worker pods."
+        default_factory=list,
+        max_length=TOLERATIONS_MAX_ITEMS,
+        description="Tolerations of the worker pods.",
     )
     rank0: Rank0 | None = Field(
         default=None,
@@ -247,9 +262,14 @@ class FineTuneJobSpec(Model):
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, description="Fail the job after this many seconds."
     )
-    image: str = Field(default="", description="Trainer image override; empty: the default.")
+    image: str = Field(
+        default="",
+        max_length=IMAGE_MAX_LENGTH,
+        description="Trainer image override; empty: the default.",
+    )
     env: list[EnvVar] = Field(
         default_factory=list,
+        max_length=ENV_MAX_ITEMS,
         description="Extra environment variables of the training pods (e.g. S3 credentials "
         "valueFrom a Secret).",
     )
@@ -280,7 +300,9 @@ class FineTuneJobStatus(Model):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     phase: Phase = Field(default="Pending", description="Pending, Running, Succeeded, Failed.")
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Conditions.", json_schema_extra=CONDITIONS_LIST_MAP
+    )
     observedGeneration: int = Field(default=0, description="Generation last reconciled.")
     rayJobName: str = Field(default="", description="The RayJob running this job.")
     dashboardURL: str = Field(default="", description="Ray dashboard of the run.")

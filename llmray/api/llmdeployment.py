@@ -8,9 +8,14 @@ from pydantic import ConfigDict, Field
 
 from llmray.api.common import (
     API_VERSION,
+    CONDITIONS_LIST_MAP,
+    IMAGE_MAX_LENGTH,
+    NAME_MAX_LENGTH,
+    TOLERATIONS_MAX_ITEMS,
     Accelerator,
     Condition,
     Model,
+    NodeSelector,
     ObjectMeta,
     Resources,
     SecretKeyRef,
@@ -30,15 +35,19 @@ Phase = Literal["Pending", "WaitingForModel", "Deploying", "Ready", "Failed"]
 class FineTuneJobRef(Model):
     """A FineTuneJob in the same namespace."""
 
-    name: str = Field(description="Name of the FineTuneJob whose model is served.", min_length=1)
+    name: str = Field(
+        description="Name of the FineTuneJob whose model is served.",
+        min_length=1,
+        max_length=NAME_MAX_LENGTH,
+    )
 
 
 class ModelSpec(Model):
     """What is served: exactly one of uri and fineTuneJobRef."""
 
     uri: Uri | None = Field(
-        default=None, description="Model in Hugging Face format: hf://, s3://, gs://, pvc://, "
-        "file:// or a path."
+        default=None,
+        description="Model in Hugging Face format: hf://, s3://, gs://, pvc://, file:// or a path.",
     )
     fineTuneJobRef: FineTuneJobRef | None = Field(
         default=None,
@@ -46,7 +55,9 @@ class ModelSpec(Model):
         "Succeeded; until then the phase is WaitingForModel.",
     )
     servedName: str | None = Field(
-        default=None, description="Model id in /v1/models and requests; default metadata.name."
+        default=None,
+        max_length=NAME_MAX_LENGTH,
+        description="Model id in /v1/models and requests; default metadata.name.",
     )
     secretRef: SecretRef | None = Field(
         default=None, description="Secret with credentials for the model source."
@@ -63,11 +74,13 @@ class ComputeSpec(Model):
     resourcesPerReplica: Resources = Field(
         default_factory=Resources, description="Resources of each replica."
     )
-    nodeSelector: dict[str, str] = Field(
+    nodeSelector: NodeSelector = Field(
         default_factory=dict, description="Node labels the replica pods must match."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Tolerations of the replica pods."
+        default_factory=list,
+        max_length=TOLERATIONS_MAX_ITEMS,
+        description="Tolerations of the replica pods.",
     )
 
 
@@ -116,7 +129,11 @@ class LLMDeploymentSpec(Model):
     apiKeySecretRef: SecretKeyRef | None = Field(
         default=None, description="Require this bearer token (a Secret key) on every request."
     )
-    image: str = Field(default="", description="Server image override; empty: the default.")
+    image: str = Field(
+        default="",
+        max_length=IMAGE_MAX_LENGTH,
+        description="Server image override; empty: the default.",
+    )
 
 
 class LLMDeploymentStatus(Model):
@@ -127,7 +144,9 @@ class LLMDeploymentStatus(Model):
     phase: Phase = Field(
         default="Pending", description="Pending, WaitingForModel, Deploying, Ready or Failed."
     )
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Conditions.", json_schema_extra=CONDITIONS_LIST_MAP
+    )
     observedGeneration: int = Field(default=0, description="Generation last reconciled.")
     rayServiceName: str = Field(default="", description="The RayService serving the model.")
     modelUri: str = Field(default="", description="The model URI being served.")

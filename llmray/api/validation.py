@@ -102,8 +102,10 @@ FINETUNEJOB_RULES: list[CrossFieldRule] = [
         "!has(self.offloadParameters) || !self.offloadParameters || "
         "(has(self.type) && self.type == 'deepspeed' && has(self.zeroStage) && "
         "self.zeroStage == 3)",
-        lambda s: not s.get("offloadParameters")
-        or (s.get("type") == "deepspeed" and s.get("zeroStage") == 3),
+        lambda s: (
+            not s.get("offloadParameters")
+            or (s.get("type") == "deepspeed" and s.get("zeroStage") == 3)
+        ),
     ),
     CrossFieldRule(
         "spec.dataset",
@@ -127,8 +129,10 @@ FINETUNEJOB_RULES: list[CrossFieldRule] = [
         "!has(self.hyperparameters) || !has(self.hyperparameters.precision) || "
         "self.hyperparameters.precision != 'fp16' || (has(self.compute) && "
         "has(self.compute.accelerator) && self.compute.accelerator != 'cpu')",
-        lambda s: _get(s, "hyperparameters.precision") != "fp16"
-        or _get(s, "compute.accelerator", "cpu") != "cpu",
+        lambda s: (
+            _get(s, "hyperparameters.precision") != "fp16"
+            or _get(s, "compute.accelerator", "cpu") != "cpu"
+        ),
     ),
     CrossFieldRule(
         "spec",
@@ -137,8 +141,9 @@ FINETUNEJOB_RULES: list[CrossFieldRule] = [
         "!has(self.hyperparameters) || !has(self.hyperparameters.torchCompile) || "
         "!self.hyperparameters.torchCompile || !has(self.strategy) || "
         "!has(self.strategy.type) || self.strategy.type == 'ddp'",
-        lambda s: not _get(s, "hyperparameters.torchCompile")
-        or _get(s, "strategy.type", "ddp") == "ddp",
+        lambda s: (
+            not _get(s, "hyperparameters.torchCompile") or _get(s, "strategy.type", "ddp") == "ddp"
+        ),
     ),
 ]
 
@@ -170,11 +175,12 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         "spec.scaling",
         "spec.scaling.minReplicas",
         "must not exceed spec.scaling.maxReplicas",
-        "!has(self.minReplicas) || !has(self.maxReplicas) || "
-        "self.minReplicas <= self.maxReplicas",
-        lambda s: s.get("minReplicas", 1) <= s.get("maxReplicas", 1)
-        if isinstance(s.get("minReplicas", 1), int) and isinstance(s.get("maxReplicas", 1), int)
-        else True,
+        "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+        lambda s: (
+            s.get("minReplicas", 1) <= s.get("maxReplicas", 1)
+            if isinstance(s.get("minReplicas", 1), int) and isinstance(s.get("maxReplicas", 1), int)
+            else True
+        ),
     ),
 ]
 

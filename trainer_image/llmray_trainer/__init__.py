@@ -1,0 +1,1 @@
+"""The fine-tuning program: Ray Train TorchTrainer over Hugging Face transformers."""

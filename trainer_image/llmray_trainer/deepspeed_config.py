@@ -1,0 +1,53 @@
+"""Render DeepSpeed's JSON config from the spec, so users never write one.
+
+Example (strategy {type: deepspeed, zeroStage: 3, offloadOptimizer: true}, precision bf16,
+batchSizePerWorker 4, gradientAccumulationSteps 2, 6 workers)::
+
+    {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+     "train_batch_size": 48, "gradient_clipping": 1.0, "bf16": {"enabled": true},
+     "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", ...},
+                           "stage3_gather_16bit_weights_on_model_save": true, ...}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmray.api.finetunejob import FineTuneJobSpec
+
+DEFAULT_ZERO_STAGE = 2
+
+
+def render_deepspeed_config(spec: FineTuneJobSpec, world_size: int) -> dict[str, Any]:
+    hp = spec.hyperparameters
+    stage = spec.strategy.zeroStage or DEFAULT_ZERO_STAGE
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    }
+    if spec.strategy.offloadOptimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if stage == 3:
+        # Rank 0 gathers the full weights when the final model is saved (see docs: size
+        # rank 0's memory at about 4x the model's bytes).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if spec.strategy.offloadParameters:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": hp.batchSizePerWorker,
+        "gradient_accumulation_steps": hp.gradientAccumulationSteps,
+        "train_batch_size": hp.batchSizePerWorker * hp.gradientAccumulationSteps * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        # We pass our own torch AdamW; with offload DeepSpeed would otherwise insist on its
+        # CPU Adam op (a C++ build of minutes on first use).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if hp.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif hp.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config

@@ -1,0 +1,121 @@
+"""The driver: validate data, start (or join) Ray, run the TorchTrainer, watch progress.
+
+Used by both entrypoints: `llmray finetune` (embedded local Ray) and the RayJob's
+`python -m llmray_trainer --config FILE` (joins the KubeRay cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmray import uris
+from llmray.trainer_config import TrainerConfig
+from llmray_trainer import hardware
+
+log = logging.getLogger("llmray.trainer")
+
+
+@dataclass
+class RunResult:
+    name: str
+    model_uri: str
+    checkpoint: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == "step"]
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.steps[0]["trainLoss"] if self.steps else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.steps[-1]["trainLoss"] if self.steps else None
+
+    @property
+    def eval_loss(self) -> float | None:
+        evals = [r["evalLoss"] for r in self.records if r.get("evalLoss") is not None]
+        return evals[-1] if evals else None
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a RayJob (RAY_ADDRESS) or start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # A private single-node cluster bound to loopback: nothing else can reach it, so Ray's
+    # token authentication (on by default since 2.5x) would only add a warning here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+
+
+def run(cfg: TrainerConfig) -> RunResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llmray_trainer.inputs import load_raw_splits
+    from llmray_trainer.loop import train_func
+    from llmray_trainer.progress import ProgressSink, ProgressWatcher
+
+    spec = cfg.spec
+    # Fail on bad data in seconds, before any worker or model download.
+    train_records, eval_records = load_raw_splits(cfg)
+    log.info("dataset: %d train / %d eval records", len(train_records), len(eval_records))
+
+    hw = hardware.select_hardware(spec.compute.accelerator, spec.compute.ipex)
+    hardware.check_method(hw, spec.method)
+    if hw.ipex:
+        hardware.import_ipex()  # the clear error now, not inside every worker
+    workers = spec.compute.workers
+    threads = max(1, int(cfg.cpus_per_worker))
+    ensure_ray()
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if spec.compute.resourcesPerWorker.gpu:
+        resources["GPU"] = spec.compute.resourcesPerWorker.gpu
+    label_selector = None
+    if cfg.rank0_label:
+        # Ray Train 2.60 gives world rank 0 to placement bundle 0.
+        label_selector = [dict(cfg.rank0_label)] + [{} for _ in range(workers - 1)]
+
+    # The driver's llmray settings (LLMRAY_*) reach the workers too: raylet-spawned workers
+    # inherit the environment Ray started with, not the driver's current one.
+    worker_env = hardware.worker_env(hw, spec.strategy.type, threads)
+    worker_env.update({k: v for k, v in os.environ.items() if k.startswith("LLMRAY_")})
+    sink = ProgressSink.remote()
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"trainer": cfg.model_dump(mode="json"), "progress_sink": sink},
+        torch_config=TorchConfig(backend=hw.dist_backend),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=hw.use_gpu,
+            resources_per_worker=resources,
+            label_selector=label_selector,
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=uris.storage_path_for_ray(
+                cfg.storage_path, Path(cfg.base_dir), field="spec.checkpointing.storageUri"
+            ),
+            failure_config=FailureConfig(max_failures=spec.maxRetries),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
+    )
+    with ProgressWatcher(sink, cfg.progress_file) as watcher:
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    return RunResult(cfg.name, cfg.output_uri, checkpoint, watcher.records)
