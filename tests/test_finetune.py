@@ -115,10 +115,12 @@ def test_loss_falls_and_model_reloads(ray_session, tmp_path, tiny_model, small_d
 
 
 def test_lora_merged_export(ray_session, tmp_path, tiny_model, small_data):
+    # A random-init model predicts through its random lm_head: adapt it too, and every linear.
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "lm_head"]
     job = write_job(tmp_path, "lora", tiny_model, small_data, method="lora",
-                    lora={"rank": 8, "alpha": 16, "dropout": 0.0,
-                          "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                    hyperparameters={"learningRate": 1e-2})
+                    lora={"rank": 16, "alpha": 32, "dropout": 0.0, "targetModules": modules},
+                    hyperparameters={"learningRate": 2e-2})
     result = finetune(job)
     assert_loss_falls(result)
     exported = Path(result.model_uri)

@@ -6,9 +6,11 @@ comes from the `TrainerConfig` in its config dict.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +36,7 @@ log = logging.getLogger("llmray.trainer")
 CRASH_STEP_ENV = "LLMRAY_TEST_KILL_AT_STEP"
 CRASH_RANK_ENV = "LLMRAY_TEST_KILL_RANK"
 CRASH_MARKER_ENV = "LLMRAY_TEST_KILL_MARKER"
+CRASH_DELAY_SECONDS = 3.0
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -144,8 +147,6 @@ def train_func(config: dict[str, Any]) -> None:
             if ckpt.everySteps and state.step % ckpt.everySteps == 0:
                 save(state, metrics(state))
                 last_saved = state.step
-        else:
-            pass
         if state.micro_batches_in_epoch >= steps_per_epoch * accum:
             state.epoch += 1
             state.micro_batches_in_epoch = 0
@@ -172,7 +173,7 @@ def forward_backward(model: Any, engine: Any, batch: dict[str, torch.Tensor],
         engine.step()  # DeepSpeed accumulates and steps its optimizer at the boundary itself
         return float(loss.detach())
     # DDP: only all-reduce gradients on the micro-batch that ends an accumulation window.
-    sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else nullcontext()
+    sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
     with sync:
         with hardware.autocast(hw, precision):
             loss = model(**batch).loss
@@ -286,11 +287,8 @@ def maybe_crash(rank: int, step: int) -> None:
         return
     if Path(marker).exists():
         return
+    # Die a little after the step: Ray Train's controller registers a reported checkpoint
+    # when it next polls the workers, and a crash before that resumes from the one before.
+    time.sleep(CRASH_DELAY_SECONDS)
     Path(marker).write_text(f"killed rank {rank} at step {step}\n")
-    os.kill(os.getpid(), 9)
-
-
-def nullcontext() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
+    os.kill(os.getpid(), signal.SIGKILL)
