@@ -25,8 +25,10 @@ def main() -> int:
     result = finetune_file(JOB)
     minutes = (time.perf_counter() - start) / 60
     print(f"\nfine-tuned in {minutes:.1f} min; model: {result.model_uri}")
-    print(f"train loss: {result.first_loss:.3f} (step 1) -> {result.last_loss:.3f} "
-          f"(step {result.steps[-1]['step']}); eval loss {result.eval_loss:.3f}")
+    print(
+        f"train loss: {result.first_loss:.3f} (step 1) -> {result.last_loss:.3f} "
+        f"(step {result.steps[-1]['step']}); eval loss {result.eval_loss:.3f}"
+    )
     print(f"after fine-tuning:  {chat_answer(result.model_uri, QUESTION)!r}")
     return 0
 

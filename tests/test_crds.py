@@ -313,9 +313,8 @@ def admit(kind: str, obj: dict[str, Any]) -> tuple[dict[str, Any], list[str], li
     if not schema_errors:  # CEL sees typed values only once the schema holds
         for path, rule in rules_in(schema):
             scope = value_at(obj, path)
-            if "oldSelf" not in rule["rule"] and scope is not None:
-                if not cel(rule["rule"], scope):
-                    messages.append(rule["message"])
+            if "oldSelf" not in rule["rule"] and scope is not None and not cel(rule["rule"], scope):
+                messages.append(rule["message"])
     return obj, schema_errors, messages
 
 
@@ -621,12 +620,14 @@ def test_rules_name_only_fields_of_the_schema(kind: str) -> None:
     schema = openapi(kind)
     for path, entry in rules_in(schema):
         for match in re.finditer(r"\b(?:self|oldSelf)((?:\.[A-Za-z_]\w*)+)", entry["rule"]):
-            node_at(node_at(schema, path), match.group(1).replace(".", " ").strip().replace(" ", "."))
+            node_at(
+                node_at(schema, path), match.group(1).replace(".", " ").strip().replace(" ", ".")
+            )
 
 
 def rule_cases() -> Iterator[tuple[str, CrossFieldRule, dict[str, Any]]]:
     for kind, obj in all_samples():
-        stored, schema_errors, _ = admit(kind, obj)
+        _, schema_errors, _ = admit(kind, obj)
         if schema_errors:
             continue
         for rule in RULES[kind]:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from llmray.chat import DEFAULT_CHAT_SPECIAL_TOKENS, instruction_to_messages
 from llmray_trainer.data import (
     IGNORE_INDEX,
     DatasetError,
@@ -21,8 +23,6 @@ from llmray_trainer.data import (
     split_eval,
     tokenize_records,
 )
-
-from llmray.chat import DEFAULT_CHAT_SPECIAL_TOKENS, instruction_to_messages
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 SAMPLES = [

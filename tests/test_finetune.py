@@ -106,8 +106,13 @@ def assert_model_generates(model_dir: str) -> None:
     ],
 )
 def test_loss_falls_and_model_reloads(ray_session, tmp_path, tiny_model, small_data, strategy):
-    job = write_job(tmp_path, f"strategy-{strategy.get('zeroStage', 0)}", tiny_model, small_data,
-                    strategy=strategy)
+    job = write_job(
+        tmp_path,
+        f"strategy-{strategy.get('zeroStage', 0)}",
+        tiny_model,
+        small_data,
+        strategy=strategy,
+    )
     result = finetune(job)
     assert [r["step"] for r in result.steps] == list(range(1, 13))
     assert_loss_falls(result)
@@ -116,11 +121,25 @@ def test_loss_falls_and_model_reloads(ray_session, tmp_path, tiny_model, small_d
 
 def test_lora_merged_export(ray_session, tmp_path, tiny_model, small_data):
     # A random-init model predicts through its random lm_head: adapt it too, and every linear.
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-               "lm_head"]
-    job = write_job(tmp_path, "lora", tiny_model, small_data, method="lora",
-                    lora={"rank": 16, "alpha": 32, "dropout": 0.0, "targetModules": modules},
-                    hyperparameters={"learningRate": 2e-2})
+    modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    ]
+    job = write_job(
+        tmp_path,
+        "lora",
+        tiny_model,
+        small_data,
+        method="lora",
+        lora={"rank": 16, "alpha": 32, "dropout": 0.0, "targetModules": modules},
+        hyperparameters={"learningRate": 2e-2},
+    )
     result = finetune(job)
     assert_loss_falls(result)
     exported = Path(result.model_uri)
@@ -128,28 +147,34 @@ def test_lora_merged_export(ray_session, tmp_path, tiny_model, small_data):
     from safetensors import safe_open
 
     with safe_open(str(next(exported.glob("*.safetensors"))), "pt") as f:
-        assert not [k for k in f.keys() if "lora" in k]
+        assert not [k for k in f.keys() if "lora" in k]  # noqa: SIM118 (safe_open has no __iter__)
     assert_model_generates(result.model_uri)
 
 
 def test_same_seed_same_losses(ray_session, tmp_path, tiny_model, small_data):
     runs = [
-        finetune(write_job(tmp_path, f"seed-{i}", tiny_model, small_data,
-                           hyperparameters={"maxSteps": 5})) for i in range(2)
+        finetune(
+            write_job(
+                tmp_path, f"seed-{i}", tiny_model, small_data, hyperparameters={"maxSteps": 5}
+            )
+        )
+        for i in range(2)
     ]
     assert losses(runs[0]) == pytest.approx(losses(runs[1]), rel=1e-6)
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path, tiny_model, small_data,
-                                               monkeypatch):
+def test_killed_worker_resumes_from_checkpoint(
+    ray_session, tmp_path, tiny_model, small_data, monkeypatch
+):
     # A real SIGKILL of rank 1's process at step 7 (triggered from inside the worker so the
     # moment is deterministic); Ray Train restarts the group from the step-6 checkpoint.
     marker = tmp_path / "killed"
     monkeypatch.setenv("LLMRAY_TEST_KILL_AT_STEP", "7")
     monkeypatch.setenv("LLMRAY_TEST_KILL_RANK", "1")
     monkeypatch.setenv("LLMRAY_TEST_KILL_MARKER", str(marker))
-    job = write_job(tmp_path, "killed", tiny_model, small_data, maxRetries=1,
-                    checkpointing={"everySteps": 3})
+    job = write_job(
+        tmp_path, "killed", tiny_model, small_data, maxRetries=1, checkpointing={"everySteps": 3}
+    )
     # Workers inherit the env through Ray's runtime env of the launcher.
     result = finetune(job)
     assert marker.exists(), "the worker was never killed"
@@ -161,26 +186,53 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path, tiny_model
 
 
 def test_rerun_same_name_resumes(ray_session, tmp_path, tiny_model, small_data):
-    first = finetune(write_job(tmp_path, "rerun", tiny_model, small_data,
-                               hyperparameters={"maxSteps": 4}, checkpointing={"everySteps": 2}))
+    first = finetune(
+        write_job(
+            tmp_path,
+            "rerun",
+            tiny_model,
+            small_data,
+            hyperparameters={"maxSteps": 4},
+            checkpointing={"everySteps": 2},
+        )
+    )
     assert [r["step"] for r in first.steps] == [1, 2, 3, 4]
-    second = finetune(write_job(tmp_path, "rerun", tiny_model, small_data,
-                                hyperparameters={"maxSteps": 8},
-                                checkpointing={"everySteps": 2}))
+    second = finetune(
+        write_job(
+            tmp_path,
+            "rerun",
+            tiny_model,
+            small_data,
+            hyperparameters={"maxSteps": 8},
+            checkpointing={"everySteps": 2},
+        )
+    )
     assert [r["step"] for r in second.records if r["event"] == "resumed"] == [4]
     assert [r["step"] for r in second.steps] == [5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("fmt", ["text", "chat"])
 def test_other_formats_train(ray_session, tmp_path, tiny_model, fmt):
-    extra = {"specialTokens": ["<USER>", "</USER>", "<ASSISTANT>", "</ASSISTANT>"]} \
-        if fmt == "text" else {}
-    job = write_job(tmp_path, f"fmt-{fmt}", tiny_model, EXAMPLES / "data" / f"{fmt}.jsonl",
-                    dataset={"format": fmt, "evalFraction": 0.1, **extra},
-                    compute={"workers": 1},
-                    hyperparameters={"maxSteps": 8, "gradientAccumulationSteps": 2,
-                                     "gradientCheckpointing": True, "lrScheduler": "cosine",
-                                     "warmupRatio": 0.2})
+    extra = (
+        {"specialTokens": ["<USER>", "</USER>", "<ASSISTANT>", "</ASSISTANT>"]}
+        if fmt == "text"
+        else {}
+    )
+    job = write_job(
+        tmp_path,
+        f"fmt-{fmt}",
+        tiny_model,
+        EXAMPLES / "data" / f"{fmt}.jsonl",
+        dataset={"format": fmt, "evalFraction": 0.1, **extra},
+        compute={"workers": 1},
+        hyperparameters={
+            "maxSteps": 8,
+            "gradientAccumulationSteps": 2,
+            "gradientCheckpointing": True,
+            "lrScheduler": "cosine",
+            "warmupRatio": 0.2,
+        },
+    )
     result = finetune(job)
     assert_loss_falls(result, factor=0.95)
     assert result.eval_loss is not None
@@ -201,8 +253,9 @@ def test_malformed_line_fails_before_training(ray_session, tmp_path, tiny_model,
     with pytest.raises(DatasetError) as err:
         finetune(write_job(tmp_path, "bad-data", tiny_model, bad))
     assert "bad.jsonl:5" in str(err.value) and "response" in str(err.value)
-    status = json.loads((Path(ray_session_home()) / "jobs" / "bad-data" / "status.json")
-                        .read_text())
+    status = json.loads(
+        (Path(ray_session_home()) / "jobs" / "bad-data" / "status.json").read_text()
+    )
     assert status["phase"] == "Failed"
 
 

@@ -205,7 +205,7 @@ def test_concurrent_callers_convert_once(tmp_path, gguf_file, fake_convert) -> N
 
 
 def test_missing_gguf_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.gguf"):
         gguf.cached_gguf_conversion(tmp_path / "nothing.gguf", tmp_path / "cache")
 
 

@@ -79,7 +79,7 @@ def test_upload_replaces_a_local_folder_whole(tmp_path: Path) -> None:
 def test_hub_and_storage_refuse_writes(tmp_path: Path) -> None:
     with pytest.raises(UriError, match="read only"):
         uris.upload(tmp_path, "hf://org/name", tmp_path)
-    with pytest.raises(UriError, match="spec.checkpointing.storageUri: .*cannot go to the Hub"):
+    with pytest.raises(UriError, match=r"spec\.checkpointing\.storageUri: .*cannot go to the Hub"):
         uris.storage_path_for_ray("hf://org/x", tmp_path, field="spec.checkpointing.storageUri")
     assert uris.storage_path_for_ray("s3://b/runs", tmp_path) == "s3://b/runs"
 
@@ -158,5 +158,6 @@ def test_s3_upload_then_fetch_round_trip(s3, tmp_path: Path) -> None:
 
 def test_s3_missing_object_names_the_field(s3, tmp_path: Path) -> None:
     with pytest.raises(UriError, match=r"^spec.dataset.train: s3://llmray-test/nope.jsonl"):
-        uris.fetch("s3://llmray-test/nope.jsonl", tmp_path, tmp_path / "c",
-                   field="spec.dataset.train")
+        uris.fetch(
+            "s3://llmray-test/nope.jsonl", tmp_path, tmp_path / "c", field="spec.dataset.train"
+        )

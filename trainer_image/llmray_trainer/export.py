@@ -19,8 +19,15 @@ from llmray_trainer.checkpoint import unwrap
 log = logging.getLogger(__name__)
 
 
-def export_model(cfg: TrainerConfig, model: Any, engine: Any | None, tokenizer: Any,
-                 base_dir: Path, added_tokens: int, rank: int) -> None:
+def export_model(
+    cfg: TrainerConfig,
+    model: Any,
+    engine: Any | None,
+    tokenizer: Any,
+    base_dir: Path,
+    added_tokens: int,
+    rank: int,
+) -> None:
     import torch.distributed as dist
 
     module = unwrap(model)
@@ -61,13 +68,15 @@ def save_hf(module: Any, tokenizer: Any, out: Path, *, merge: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _rebuild_cpu_model(cfg: TrainerConfig, base_dir: Path, tokenizer: Any, added: int,
-                       state_dict: dict[str, Any]) -> Any:
+def _rebuild_cpu_model(
+    cfg: TrainerConfig, base_dir: Path, tokenizer: Any, added: int, state_dict: dict[str, Any]
+) -> Any:
     from llmray_trainer.modeling import build_model
 
     module = build_model(cfg, base_dir, tokenizer, added)
     result = module.load_state_dict(state_dict, strict=False)
     if result.unexpected_keys:
-        raise RuntimeError(f"gathered ZeRO-3 weights do not fit the model: "
-                           f"{result.unexpected_keys[:5]}")
+        raise RuntimeError(
+            f"gathered ZeRO-3 weights do not fit the model: {result.unexpected_keys[:5]}"
+        )
     return module

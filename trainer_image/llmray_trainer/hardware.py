@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +82,11 @@ def check_precision(hw: Hardware, precision: str) -> None:
             "hyperparameters.precision bf16 on a CPU without bf16 hardware (no AMX / "
             "AVX-512 BF16): measured ~10x slower than fp32 on such CPUs; consider fp32"
         )
+    if precision == "fp16" and hw.device_type == "cpu":
+        log.warning(
+            "hyperparameters.precision fp16 on CPU: CPUs have no fast fp16 math and fp16 "
+            "needs loss scaling; use bf16 (CPUs with AMX) or fp32"
+        )
 
 
 def autocast(hw: Hardware, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -102,8 +106,9 @@ def import_ipex() -> Any:
     except ImportError as exc:
         import torch
 
-        raise RuntimeError(f"{IPEX_HELP} (this environment has torch {torch.__version__}; "
-                           f"import failed: {exc})") from exc
+        raise RuntimeError(
+            f"{IPEX_HELP} (this environment has torch {torch.__version__}; import failed: {exc})"
+        ) from exc
     return ipex
 
 
@@ -113,10 +118,3 @@ def check_method(hw: Hardware, method: str) -> None:
             "method qlora needs compute.accelerator nvidia-gpu: its 4-bit kernels "
             "(bitsandbytes) run on CUDA only; use method lora on cpu / intel-gpu"
         )
-
-
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default

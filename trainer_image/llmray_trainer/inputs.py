@@ -22,7 +22,9 @@ def load_raw_splits(cfg: TrainerConfig) -> tuple[list[dict[str, Any]], list[dict
     base, cache = Path(cfg.base_dir), Path(cfg.cache_dir)
     train = load_records(uris.fetch(ds.train, base, cache, field="spec.dataset.train"), ds.format)
     if ds.eval:
-        return train, load_records(uris.fetch(ds.eval, base, cache, field="spec.dataset.eval"), ds.format)
+        return train, load_records(
+            uris.fetch(ds.eval, base, cache, field="spec.dataset.eval"), ds.format
+        )
     if ds.evalFraction:
         return split_eval(train, ds.evalFraction, cfg.spec.hyperparameters.seed)
     return train, []

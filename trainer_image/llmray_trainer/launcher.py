@@ -39,6 +39,12 @@ class RunResult:
         return self.steps[-1]["trainLoss"] if self.steps else None
 
     @property
+    def resumed_at(self) -> int | None:
+        """The step the last attempt resumed from (None: it started from scratch)."""
+        resumed = [r["step"] for r in self.records if r.get("event") == "resumed"]
+        return resumed[-1] if resumed else None
+
+    @property
     def eval_loss(self) -> float | None:
         evals = [r["evalLoss"] for r in self.records if r.get("evalLoss") is not None]
         return evals[-1] if evals else None
@@ -53,11 +59,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # A private single-node cluster bound to loopback: nothing else can reach it, so Ray's
-    # token authentication (on by default since 2.5x) would only add a warning here.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    # Ray's ports listen on this machine's address, not only loopback: keep Ray 2.60's token
+    # authentication (its default; one warning at start) so other hosts cannot submit work.
+    # The dashboard stays on loopback; Ray Train's placement-group cleaner needs its state API
+    # (without it, it warns every few seconds) and users get a local view of the run.
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        configure_logging=True,
+    )
 
 
 def run(cfg: TrainerConfig) -> RunResult:
@@ -72,6 +85,10 @@ def run(cfg: TrainerConfig) -> RunResult:
     # Fail on bad data in seconds, before any worker or model download.
     train_records, eval_records = load_raw_splits(cfg)
     log.info("dataset: %d train / %d eval records", len(train_records), len(eval_records))
+    if not uris.is_remote(spec.baseModel.uri):  # a typo'd path fails here, not in each worker
+        uris.fetch(
+            spec.baseModel.uri, Path(cfg.base_dir), Path(cfg.cache_dir), field="spec.baseModel.uri"
+        )
 
     hw = hardware.select_hardware(spec.compute.accelerator, spec.compute.ipex)
     hardware.check_method(hw, spec.method)

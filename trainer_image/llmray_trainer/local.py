@@ -27,8 +27,14 @@ def local_config(job: FineTuneJob, base_dir: Path, cpu_count: int) -> TrainerCon
     asked = job.spec.compute.resourcesPerWorker.cpu
     asked_cores = _cores(asked)
     if asked_cores > share:
-        log.warning("compute.resourcesPerWorker.cpu %s: this machine has %d cores for %d "
-                    "workers; using %d per worker", asked, cpu_count, workers, share)
+        log.warning(
+            "compute.resourcesPerWorker.cpu %s: this machine has %d cores for %d "
+            "workers; using %d per worker",
+            asked,
+            cpu_count,
+            workers,
+            share,
+        )
     return resolve_trainer_config(
         job,
         base_dir=str(base_dir.resolve()),
@@ -53,16 +59,34 @@ def finetune_file(path: str | Path) -> RunResult:
     try:
         result = run(cfg)
     except BaseException as exc:
-        write_status(status_file, phase="Failed", startTime=started, completionTime=_now(),
-                     conditions=[{"type": "Failed", "status": "True", "reason": "TrainingFailed",
-                                  "message": str(exc)[:2000]}])
+        write_status(
+            status_file,
+            phase="Failed",
+            startTime=started,
+            completionTime=_now(),
+            conditions=[
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "TrainingFailed",
+                    "message": str(exc)[:2000],
+                }
+            ],
+        )
         raise
     last = result.steps[-1] if result.steps else {}
-    write_status(status_file, phase="Succeeded", startTime=started, completionTime=_now(),
-                 latestCheckpoint=result.checkpoint, model={"uri": result.model_uri},
-                 progress={k: last.get(k) for k in ("epoch", "step", "totalSteps", "trainLoss",
-                                                    "tokensPerSecond")} | {
-                     "evalLoss": result.eval_loss})
+    write_status(
+        status_file,
+        phase="Succeeded",
+        startTime=started,
+        completionTime=_now(),
+        latestCheckpoint=result.checkpoint,
+        model={"uri": result.model_uri},
+        progress={
+            k: last.get(k) for k in ("epoch", "step", "totalSteps", "trainLoss", "tokensPerSecond")
+        }
+        | {"evalLoss": result.eval_loss},
+    )
     return result
 
 

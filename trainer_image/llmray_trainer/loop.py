@@ -23,10 +23,10 @@ import torch.distributed as dist
 
 from llmray.trainer_config import TrainerConfig
 from llmray_trainer import hardware
-from llmray_trainer.checkpoint import TrainState, restore, save_and_report, unwrap
+from llmray_trainer.checkpoint import TrainState, restore, save_and_report
 from llmray_trainer.data import collate, count_tokens
-from llmray_trainer.inputs import load_splits
 from llmray_trainer.export import export_model
+from llmray_trainer.inputs import load_splits
 from llmray_trainer.modeling import build_model, load_tokenizer, resolve_base_model
 
 log = logging.getLogger("llmray.trainer")
@@ -63,10 +63,14 @@ def train_func(config: dict[str, Any]) -> None:
     model.to(device)
 
     pad_id = tokenizer.pad_token_id
-    train_loader = make_loader(train_set, hp.batchSizePerWorker, pad_id, rank, world, hp.seed,
-                               shuffle=True)
-    eval_loader = (make_loader(eval_set, hp.batchSizePerWorker, pad_id, rank, world, hp.seed,
-                               shuffle=False) if eval_set else None)
+    train_loader = make_loader(
+        train_set, hp.batchSizePerWorker, pad_id, rank, world, hp.seed, shuffle=True
+    )
+    eval_loader = (
+        make_loader(eval_set, hp.batchSizePerWorker, pad_id, rank, world, hp.seed, shuffle=False)
+        if eval_set
+        else None
+    )
     accum = hp.gradientAccumulationSteps
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
@@ -81,8 +85,9 @@ def train_func(config: dict[str, Any]) -> None:
     # --- optimizer, schedule, strategy ---
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learningRate, weight_decay=hp.weightDecay)
-    scheduler = make_scheduler(hp.lrScheduler, optimizer, round(hp.warmupRatio * total_steps),
-                               total_steps)
+    scheduler = make_scheduler(
+        hp.lrScheduler, optimizer, round(hp.warmupRatio * total_steps), total_steps
+    )
     if hw.ipex:
         ipex = hardware.import_ipex()
         dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
@@ -94,8 +99,11 @@ def train_func(config: dict[str, Any]) -> None:
         from llmray_trainer.deepspeed_config import render_deepspeed_config
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=render_deepspeed_config(spec, world), dist_init_required=False,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=render_deepspeed_config(spec, world),
+            dist_init_required=False,
         )
         model = engine
     else:
@@ -113,8 +121,14 @@ def train_func(config: dict[str, Any]) -> None:
     # --- train ---
     ckpt = spec.checkpointing
     last_saved = state.step if resumed else -1
-    save = partial(save_and_report, rank=rank, model=model, optimizer=optimizer,
-                   scheduler=scheduler, engine=engine)
+    save = partial(
+        save_and_report,
+        rank=rank,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        engine=engine,
+    )
     window = Window()
     model.train()
     while state.step < total_steps and state.epoch < epochs:
@@ -165,15 +179,26 @@ def train_func(config: dict[str, Any]) -> None:
     report.event("exported", state, model=cfg.output_uri)
 
 
-def forward_backward(model: Any, engine: Any, batch: dict[str, torch.Tensor],
-                     hw: hardware.Hardware, precision: str, accum: int, boundary: bool) -> float:
+def forward_backward(
+    model: Any,
+    engine: Any,
+    batch: dict[str, torch.Tensor],
+    hw: hardware.Hardware,
+    precision: str,
+    accum: int,
+    boundary: bool,
+) -> float:
     if engine is not None:
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()  # DeepSpeed accumulates and steps its optimizer at the boundary itself
         return float(loss.detach())
     # DDP: only all-reduce gradients on the micro-batch that ends an accumulation window.
-    sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
+    sync = (
+        model.no_sync()
+        if (not boundary and hasattr(model, "no_sync"))
+        else contextlib.nullcontext()
+    )
     with sync:
         with hardware.autocast(hw, precision):
             loss = model(**batch).loss
@@ -182,8 +207,9 @@ def forward_backward(model: Any, engine: Any, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def evaluate(model: Any, loader: Any, device: Any, hw: hardware.Hardware, precision: str,
-             world: int) -> float:
+def evaluate(
+    model: Any, loader: Any, device: Any, hw: hardware.Hardware, precision: str, world: int
+) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for batch in loader:
@@ -228,9 +254,18 @@ class ProgressReporter:
         self.total_steps = total_steps
 
     def step(self, state: TrainState, tps: float, event: str = "step", **extra: Any) -> None:
-        self._push({"event": event, "epoch": state.epoch, "step": state.step,
-                    "totalSteps": self.total_steps, "trainLoss": state.train_loss,
-                    "evalLoss": state.eval_loss, "tokensPerSecond": tps, **extra})
+        self._push(
+            {
+                "event": event,
+                "epoch": state.epoch,
+                "step": state.step,
+                "totalSteps": self.total_steps,
+                "trainLoss": state.train_loss,
+                "evalLoss": state.eval_loss,
+                "tokensPerSecond": tps,
+                **extra,
+            }
+        )
 
     def event(self, event: str, state: TrainState, **extra: Any) -> None:
         self.step(state, 0.0, event=event, **extra)
@@ -242,20 +277,34 @@ class ProgressReporter:
 
 
 def metrics(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "epoch": state.epoch, "trainLoss": state.train_loss,
-            "evalLoss": state.eval_loss}
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "trainLoss": state.train_loss,
+        "evalLoss": state.eval_loss,
+    }
 
 
-def make_loader(dataset: list[dict[str, list[int]]], batch_size: int, pad_id: int, rank: int,
-                world: int, seed: int, *, shuffle: bool) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: list[dict[str, list[int]]],
+    batch_size: int,
+    pad_id: int,
+    rank: int,
+    world: int,
+    seed: int,
+    *,
+    shuffle: bool,
+) -> torch.utils.data.DataLoader:
     from torch.utils.data import DataLoader, DistributedSampler
 
     # Each worker reads its own shard (no Ray Data): the datasets llmray targets fit in host
     # memory, and a plain sampler keeps resume-at-micro-batch exact.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      collate_fn=partial(collate, pad_id=pad_id))
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+    )
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=partial(collate, pad_id=pad_id)
+    )
 
 
 def make_scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:

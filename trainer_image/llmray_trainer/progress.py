@@ -84,11 +84,17 @@ class ProgressWatcher:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=record.get("totalSteps") or None, unit="step",
-                             desc="fine-tuning", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=record.get("totalSteps") or None,
+                unit="step",
+                desc="fine-tuning",
+                dynamic_ncols=True,
+            )
         self._bar.n = record["step"]
-        postfix = {"loss": f"{record['trainLoss']:.4f}",
-                   "tok/s": f"{record['tokensPerSecond']:.0f}"}
+        postfix = {
+            "loss": f"{record['trainLoss']:.4f}",
+            "tok/s": f"{record['tokensPerSecond']:.0f}",
+        }
         if record.get("evalLoss") is not None:
             postfix["eval"] = f"{record['evalLoss']:.4f}"
         self._bar.set_postfix(postfix, refresh=False)

@@ -1,0 +1,142 @@
+"""Trainer pieces that need no training run: DeepSpeed config, hardware choices, local sizing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmray.api import parse_finetunejob
+from llmray_trainer import hardware
+from llmray_trainer.deepspeed_config import render_deepspeed_config
+
+
+def job(**spec: Any):
+    base = {"baseModel": {"uri": "models/tiny"}, "dataset": {"train": "d.jsonl"}}
+    return parse_finetunejob(
+        {
+            "apiVersion": "llmray.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "t"},
+            "spec": base | spec,
+        }
+    )
+
+
+def test_deepspeed_config_from_the_spec() -> None:
+    spec = job(
+        strategy={
+            "type": "deepspeed",
+            "zeroStage": 3,
+            "offloadOptimizer": True,
+            "offloadParameters": True,
+        },
+        hyperparameters={
+            "batchSizePerWorker": 4,
+            "gradientAccumulationSteps": 2,
+            "precision": "bf16",
+        },
+    ).spec
+    config = render_deepspeed_config(spec, world_size=6)
+    assert config["train_batch_size"] == 4 * 2 * 6
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deepspeed_defaults_to_zero2_fp32() -> None:
+    config = render_deepspeed_config(job(strategy={"type": "deepspeed"}).spec, world_size=2)
+    assert config["zero_optimization"]["stage"] == 2
+    assert "offload_optimizer" not in config["zero_optimization"]
+    assert "bf16" not in config and "fp16" not in config
+
+
+def test_offload_parameters_needs_zero3() -> None:
+    from llmray.api import SpecError
+
+    with pytest.raises(SpecError, match=r"spec\.strategy\.offloadParameters: needs .* zeroStage 3"):
+        job(strategy={"type": "deepspeed", "zeroStage": 2, "offloadParameters": True})
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "ipex", "device", "backend", "gpu"),
+    [
+        ("cpu", False, "cpu", "gloo", False),
+        ("cpu", True, "cpu", "gloo", False),
+        ("nvidia-gpu", False, "cuda", "nccl", True),
+        ("intel-gpu", False, "xpu", "xccl", False),
+    ],
+)
+def test_hardware_choice(accelerator, ipex, device, backend, gpu) -> None:
+    hw = hardware.select_hardware(accelerator, ipex)
+    assert (hw.device_type, hw.dist_backend, hw.use_gpu, hw.ipex) == (device, backend, gpu, ipex)
+
+
+def test_worker_env_pins_threads_and_deepspeed_accelerator() -> None:
+    env = hardware.worker_env(hardware.select_hardware("cpu", False), "deepspeed", threads=3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert "DS_ACCELERATOR" not in hardware.worker_env(
+        hardware.select_hardware("cpu", False), "ddp", threads=1
+    )
+
+
+def test_qlora_on_cpu_is_refused_clearly() -> None:
+    with pytest.raises(RuntimeError, match=r"qlora needs compute\.accelerator nvidia-gpu"):
+        hardware.check_method(hardware.select_hardware("cpu", False), "qlora")
+    hardware.check_method(hardware.select_hardware("nvidia-gpu", False), "qlora")
+
+
+def test_missing_ipex_names_the_versions_needed() -> None:
+    try:
+        import intel_extension_for_pytorch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("IPEX is installed here (the ipex environment)")
+    with pytest.raises(RuntimeError, match=r"torch 2\.8\.\*.*this environment has torch"):
+        hardware.import_ipex()
+
+
+def test_bf16_without_bf16_hardware_warns(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        hardware.check_precision(hardware.select_hardware("cpu", False), "bf16")
+        hardware.check_precision(hardware.select_hardware("cpu", False), "fp32")
+    assert len(caplog.records) == 1
+    assert "precision bf16" in caplog.text and "slower than fp32" in caplog.text
+
+
+def test_local_run_fits_workers_to_the_cores(caplog) -> None:
+    from llmray_trainer.local import local_config
+
+    ftj = job(compute={"workers": 2, "resourcesPerWorker": {"cpu": "8"}})
+    with caplog.at_level(logging.WARNING):
+        cfg = local_config(ftj, Path("/data"), cpu_count=4)
+    assert cfg.cpus_per_worker == 2
+    assert "resourcesPerWorker.cpu 8" in caplog.text
+    assert cfg.rank0_label == {}  # one machine: no rank-0 node to pick
+    assert cfg.base_dir == "/data"
+
+
+def test_rank0_check_fails_loudly_on_an_unlabelled_node(ray_session) -> None:
+    import ray
+
+    from llmray_trainer.loop import check_rank0_node
+
+    @ray.remote(num_cpus=0)
+    def check(label: dict[str, str]) -> str:
+        check_rank0_node(label)
+        return "ok"
+
+    assert ray.get(check.remote({})) == "ok"  # no label configured: nothing to check
+    node_id = ray.get_runtime_context().get_node_id()
+    assert ray.get(check.remote({"ray.io/node-id": node_id})) == "ok"
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"without the label llmray.io/rank0"):
+        ray.get(check.remote({"llmray.io/rank0": "true"}))
