@@ -54,8 +54,9 @@ bench: $(VENV)/.installed ## training throughput benchmark (writes BENCHMARKS.md
 e2e: $(VENV)/.installed ## tests against the cluster in KUBECONFIG (skipped without one)
 	$(BIN)/pytest e2e -m e2e
 
-crds: $(VENV)/.installed ## regenerate crds/ from the API models
+crds: $(VENV)/.installed ## regenerate crds/ and docs/api.md from the API models
 	$(BIN)/python -m llmray.crdgen --out crds
+	$(BIN)/python -m llmray.apidocs
 
 clean: ## remove the venv, demo model and local run state of the demo
 	rm -rf $(VENV) models .pytest_cache

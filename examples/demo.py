@@ -6,10 +6,13 @@ smollm2` (the Makefile does both).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from llmray import paths
+from llmray.api import load_resource
 from llmray_trainer.generate import chat_answer
 from llmray_trainer.local import finetune_file
 
@@ -21,6 +24,11 @@ QUESTION = "What is the capital of France?"  # held out: in instruction_eval.jso
 def main() -> int:
     print(f"question: {QUESTION}")
     print(f"before fine-tuning: {chat_answer(BASE, QUESTION)!r}\n", flush=True)
+    # Same job name = resume (a finished run would have nothing left to do): start afresh.
+    previous = paths.runs_dir() / load_resource(JOB).metadata.name
+    if previous.exists():
+        print(f"removing the previous demo run {previous}")
+        shutil.rmtree(previous)
     start = time.perf_counter()
     result = finetune_file(JOB)
     minutes = (time.perf_counter() - start) / 60

@@ -91,6 +91,22 @@ def test_crd_files_are_up_to_date() -> None:
         )
 
 
+def test_api_reference_is_up_to_date() -> None:
+    from llmray import apidocs
+
+    path = REPO / "docs" / "api.md"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(apidocs.render())
+    assert path.read_text() == apidocs.render(), (
+        "docs/api.md is out of date: run `python -m llmray.apidocs` (or UPDATE_GOLDEN=1 pytest)"
+    )
+    # Every spec field of both kinds is documented.
+    for kind in KINDS:
+        for dotted, node in nodes(openapi(kind)):
+            if dotted.startswith("spec.") and not dotted.endswith("[]") and ".*" not in dotted:
+                assert f"`{dotted}`" in path.read_text(), f"{dotted} missing from docs/api.md"
+
+
 def test_crdgen_cli_writes_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert crdgen.main(["--check", "--out", str(tmp_path)]) == 1
     assert "out of date" in capsys.readouterr().err

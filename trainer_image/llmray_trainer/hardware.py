@@ -82,11 +82,6 @@ def check_precision(hw: Hardware, precision: str) -> None:
             "hyperparameters.precision bf16 on a CPU without bf16 hardware (no AMX / "
             "AVX-512 BF16): measured ~10x slower than fp32 on such CPUs; consider fp32"
         )
-    if precision == "fp16" and hw.device_type == "cpu":
-        log.warning(
-            "hyperparameters.precision fp16 on CPU: CPUs have no fast fp16 math and fp16 "
-            "needs loss scaling; use bf16 (CPUs with AMX) or fp32"
-        )
 
 
 def autocast(hw: Hardware, precision: str) -> contextlib.AbstractContextManager[Any]:
