@@ -102,7 +102,7 @@ def test_api_reference_is_up_to_date() -> None:
     )
     # Every spec field of both kinds is documented.
     for kind in KINDS:
-        for dotted, node in nodes(openapi(kind)):
+        for dotted, _node in nodes(openapi(kind)):
             if dotted.startswith("spec.") and not dotted.endswith("[]") and ".*" not in dotted:
                 assert f"`{dotted}`" in path.read_text(), f"{dotted} missing from docs/api.md"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     )
 
 
-def run(cfg: TrainerConfig) -> RunResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _import_trainer_modules() -> None:
+    import ray.train.torch  # noqa: F401  (torch, Ray Train: ~4 s on 2 cores)
 
+    import llmray_trainer.loop  # noqa: F401
+
+
+def run(cfg: TrainerConfig) -> RunResult:
     from llmray_trainer.inputs import load_raw_splits
-    from llmray_trainer.loop import train_func
-    from llmray_trainer.progress import ProgressSink, ProgressWatcher
 
     spec = cfg.spec
     # Fail on bad data in seconds, before any worker or model download.
@@ -96,7 +98,18 @@ def run(cfg: TrainerConfig) -> RunResult:
         hardware.import_ipex()  # the clear error now, not inside every worker
     workers = spec.compute.workers
     threads = max(1, int(cfg.cpus_per_worker))
+    # Starting Ray takes ~7 s of mostly waiting on its processes: import torch and Ray Train
+    # meanwhile (measured: job start 4 s shorter on 2 cores).
+    preload = threading.Thread(target=_import_trainer_modules, name="llmray-preload")
+    preload.start()
     ensure_ray()
+    preload.join()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llmray_trainer.loop import train_func
+    from llmray_trainer.progress import ProgressSink, ProgressWatcher
+
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if spec.compute.resourcesPerWorker.gpu:
         resources["GPU"] = spec.compute.resourcesPerWorker.gpu

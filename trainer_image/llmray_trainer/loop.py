@@ -40,6 +40,7 @@ CRASH_DELAY_SECONDS = 3.0
 
 
 def train_func(config: dict[str, Any]) -> None:
+    started = time.perf_counter()
     cfg = TrainerConfig.model_validate(config["trainer"])
     sink = config.get("progress_sink")
     spec, hp = cfg.spec, cfg.spec.hyperparameters
@@ -54,11 +55,20 @@ def train_func(config: dict[str, Any]) -> None:
     torch.manual_seed(hp.seed)
 
     # --- model, tokenizer, data ---
+    import_done = time.perf_counter()
     model_dir = resolve_base_model(cfg)
     tokenizer, added = load_tokenizer(model_dir, spec.dataset.format, spec.dataset.specialTokens)
     torch.manual_seed(hp.seed)  # same init of new embeddings / LoRA weights on every run
     model = build_model(cfg, model_dir, tokenizer, added)
+    model_done = time.perf_counter()
     train_set, eval_set = load_splits(cfg, tokenizer)
+    if rank == 0:
+        log.info(
+            "worker setup: %.1f s checks, %.1f s model, %.1f s data",
+            import_done - started,
+            model_done - import_done,
+            time.perf_counter() - model_done,
+        )
     device = ray.train.torch.get_device()
     model.to(device)
 
