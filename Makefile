@@ -9,7 +9,7 @@ DEMO_MODEL := models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench e2e crds clean
+.PHONY: help install demo test test-fast lint format bench e2e crds clean ipex-install test-ipex
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,22 @@ bench: $(VENV)/.installed ## training throughput benchmark (writes BENCHMARKS.md
 
 e2e: $(VENV)/.installed ## tests against the cluster in KUBECONFIG (skipped without one)
 	$(BIN)/pytest e2e -m e2e
+
+# Intel Extension for PyTorch: its last release (2.8) needs torch 2.8, so it gets its own venv.
+IPEX_VENV ?= .venv-ipex
+ipex-install: $(IPEX_VENV)/.installed ## a separate .venv-ipex with torch 2.8 + IPEX 2.8 (several GB)
+
+$(IPEX_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	grep -v '^torch==' constraints.txt > $(IPEX_VENV)/constraints.txt
+	$(IPEX_VENV)/bin/python -m pip install -q $(IPEX_PIP_ARGS) -c $(IPEX_VENV)/constraints.txt 'torch==2.8.*' 'intel-extension-for-pytorch==2.8.*'
+	$(IPEX_VENV)/bin/python -m pip install -q -c $(IPEX_VENV)/constraints.txt --no-build-isolation deepspeed
+	$(IPEX_VENV)/bin/python -m pip install -q -c $(IPEX_VENV)/constraints.txt -e '.[train,ipex,dev]'
+	touch $@
+
+test-ipex: $(IPEX_VENV)/.installed ## the IPEX tests, in .venv-ipex
+	$(IPEX_VENV)/bin/pytest -m ipex $(PYTEST_ARGS)
 
 crds: $(VENV)/.installed ## regenerate crds/ and docs/api.md from the API models
 	$(BIN)/python -m llmray.crdgen --out crds

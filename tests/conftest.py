@@ -32,3 +32,19 @@ def ray_session(llmray_home: Path):
     ensure_ray(num_cpus=os.cpu_count() or 2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmray_trainer.tiny_model import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 64 sample instructions: enough for a falling loss in a few seconds."""
+    lines = (EXAMPLES / "data" / "instruction.jsonl").read_text().splitlines()[:64]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
