@@ -29,8 +29,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data" / "instruction.jsonl"
-RESULTS_BEGIN = "<!-- train_throughput:begin -->"
-RESULTS_END = "<!-- train_throughput:end -->"
 WARMUP_STEPS = 3
 SEQ = 128
 
@@ -43,7 +41,7 @@ def make_model(folder: Path, hidden: int, layers: int) -> Path:
     )
 
 
-def job_yaml(folder: Path, name: str, model: Path, strategy: dict, args) -> Path:
+def job_yaml(folder: Path, name: str, model: Path, strategy: dict, args, extra: dict) -> Path:
     doc = {
         "apiVersion": "llmray.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -64,9 +62,10 @@ def job_yaml(folder: Path, name: str, model: Path, strategy: dict, args) -> Path
                 "lrScheduler": "constant",
                 "seed": 1,
                 "logEverySteps": 1,
+                **extra,
             },
             "strategy": strategy,
-            "compute": {"workers": args.workers},
+            "compute": {"workers": args.workers, "ipex": args.ipex},
             "checkpointing": {"everyEpoch": False, "storageUri": str(folder / "runs")},
             "output": {"uri": str(folder / "out" / name)},
         },
@@ -146,6 +145,8 @@ def main() -> int:
     )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="also ddp with torchCompile")
+    parser.add_argument("--ipex", action="store_true", help="compute.ipex: true (IPEX venv)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -153,13 +154,16 @@ def main() -> int:
     model = make_model(folder, args.hidden, args.layers)
     params = (model / "model.safetensors").stat().st_size / 4  # fp32 weights
     rows = {"plain PyTorch loop (1 process)": run_plain(model, args)}
-    for label, strategy in [
-        ("llmray ddp", {"type": "ddp"}),
-        ("llmray deepspeed ZeRO-2", {"type": "deepspeed", "zeroStage": 2}),
-    ]:
-        name = label.split()[-1].lower().replace("-", "")
+    runs = [
+        ("llmray ddp", {"type": "ddp"}, {}),
+        ("llmray deepspeed ZeRO-2", {"type": "deepspeed", "zeroStage": 2}, {}),
+    ]
+    if args.compile:
+        runs.append(("llmray ddp + torchCompile", {"type": "ddp"}, {"torchCompile": True}))
+    for label, strategy, extra in runs:
+        name = "-".join(label.lower().replace("+", "").split()[1:])
         rows[f"{label} ({args.workers} workers)"] = run_llmray(
-            job_yaml(folder, name, model, strategy, args)
+            job_yaml(folder, name, model, strategy, args, extra)
         )
 
     base = rows["plain PyTorch loop (1 process)"]["tokens_per_s"]
@@ -184,19 +188,23 @@ def main() -> int:
     report = "\n".join([f"`{command.strip()}`", "", setup, "", *table])
     print(report)
     if not args.no_write:
-        write_results(report)
+        write_results(report, ipex=args.ipex)
     return 0
 
 
-def write_results(report: str) -> None:
+def write_results(report: str, *, ipex: bool) -> None:
+    """Replace this benchmark's block in BENCHMARKS.md (one block per variant)."""
+    key = "train_throughput" + ("-ipex" if ipex else "")
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else ""
-    block = f"{RESULTS_BEGIN}\n{report}\n{RESULTS_END}"
-    if RESULTS_BEGIN in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        text = head + block + rest.split(RESULTS_END, 1)[1]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{report}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text += f"\n## Training throughput\n\n{block}\n"
+        title = "Training throughput" + (" with IPEX" if ipex else "")
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     path.write_text(text)
     print(f"updated {path}")
 

@@ -247,3 +247,65 @@ def ray_session_home() -> str:
     import os
 
     return os.environ["LLMRAY_HOME"]
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_exports_plain_weights(
+    ray_session, tmp_path, tiny_model, small_data
+):
+    job = write_job(
+        tmp_path,
+        "compiled",
+        tiny_model,
+        small_data,
+        compute={"workers": 1},
+        hyperparameters={"torchCompile": True, "maxSteps": 8},
+    )
+    result = finetune(job)
+    assert_loss_falls(result, factor=0.95)
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(result.model_uri).glob("*.safetensors"))), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]  # noqa: SIM118
+    assert_model_generates(result.model_uri)
+
+
+def test_rayjob_entrypoint_joins_a_running_cluster(ray_session, tmp_path, tiny_model, small_data):
+    # What a KubeRay RayJob runs: `python -m llmray_trainer --config FILE` in a process that
+    # joins the cluster through RAY_ADDRESS; progress goes to stdout as machine-readable lines.
+    import os
+    import subprocess
+    import sys
+
+    from llmray.api import load_resource
+    from llmray.progress import PREFIX, parse_line
+    from llmray.trainer_config import resolve_trainer_config
+
+    job = load_resource(
+        write_job(tmp_path, "rayjob", tiny_model, small_data, hyperparameters={"maxSteps": 6})
+    )
+    cfg = resolve_trainer_config(
+        job,
+        base_dir=str(tmp_path),
+        default_storage=str(tmp_path / "s"),
+        cache_dir=str(tmp_path / "cache"),
+        cpus_per_worker=1,
+    )
+    config = tmp_path / "trainer.json"
+    config.write_text(cfg.model_dump_json())
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-m", "llmray_trainer", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [parse_line(ln) for ln in done.stdout.splitlines() if ln.startswith(PREFIX)]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["totalSteps"] == 6 for r in steps)
+    assert steps[-1]["trainLoss"] < steps[0]["trainLoss"]
+    assert_model_generates(str(tmp_path / "s" / "rayjob" / "model"))

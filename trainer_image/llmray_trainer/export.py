@@ -15,6 +15,7 @@ from typing import Any
 from llmray import uris
 from llmray.trainer_config import TrainerConfig
 from llmray_trainer.checkpoint import unwrap
+from llmray_trainer.modeling import trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def export_model(
         state_dict = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
             module = _rebuild_cpu_model(cfg, base_dir, tokenizer, added_tokens, state_dict)
+    elif cfg.spec.method == "qlora" and rank == 0:
+        # The trained base is 4-bit: put the adapters on an fp32 copy of it to merge and save.
+        adapters = trainable_state_dict(module)
+        module = _rebuild_cpu_model(cfg, base_dir, tokenizer, added_tokens, adapters)
     if rank == 0:
         tmp = Path(tempfile.mkdtemp(prefix="llmray-export-"))
         try:
@@ -73,7 +78,7 @@ def _rebuild_cpu_model(
 ) -> Any:
     from llmray_trainer.modeling import build_model
 
-    module = build_model(cfg, base_dir, tokenizer, added)
+    module = build_model(cfg, base_dir, tokenizer, added, full_precision=True)
     result = module.load_state_dict(state_dict, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(

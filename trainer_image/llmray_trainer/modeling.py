@@ -47,13 +47,21 @@ def load_tokenizer(model_dir: Path, fmt: str, special_tokens: list[str]) -> tupl
     return tokenizer, added
 
 
-def build_model(cfg: TrainerConfig, model_dir: Path, tokenizer: Any, added_tokens: int) -> Any:
-    """The model to train, on CPU in fp32 (autocast / DeepSpeed handle lower precision)."""
+def build_model(
+    cfg: TrainerConfig, model_dir: Path, tokenizer: Any, added_tokens: int, *, full_precision=False
+) -> Any:
+    """The model to train, on CPU in fp32 (autocast / DeepSpeed handle lower precision).
+
+    `full_precision`: never 4-bit, even for qlora (the export merges adapters into fp32 weights).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = cfg.spec
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if spec.method == "qlora" and not full_precision:
+        model = _load_4bit(model_dir, spec.hyperparameters.precision)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token_id is not None:
@@ -64,6 +72,38 @@ def build_model(cfg: TrainerConfig, model_dir: Path, tokenizer: Any, added_token
     if spec.method in ("lora", "qlora"):
         model = apply_lora(model, cfg, train_embeddings=added_tokens > 0)
     return model
+
+
+def _load_4bit(model_dir: Path, precision: str) -> Any:
+    """QLoRA: frozen base weights in 4-bit NF4 on this worker's GPU, adapters in full precision.
+
+    Not run in CI (no GPU there); `hardware.check_method` keeps it off CPUs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "method qlora needs bitsandbytes in the trainer image: pip install 'llmray[gpu]'"
+        ) from exc
+    from peft import prepare_model_for_kbit_training
+
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=quant,
+        dtype=compute,
+        device_map={"": torch.cuda.current_device()},
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def apply_lora(model: Any, cfg: TrainerConfig, *, train_embeddings: bool) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,3 @@ class ProgressWatcher:
             postfix["eval"] = f"{record['evalLoss']:.4f}"
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.refresh()
-
-
-def now() -> float:
-    return time.time()
