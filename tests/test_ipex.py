@@ -20,15 +20,26 @@ def test_ipex_is_the_release_for_this_torch() -> None:
     assert ipex.__version__.split(".")[:2] == torch.__version__.split(".")[:2]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_ipex_training_loss_falls(ray_session, tmp_path, tiny_model, small_data, precision):
+@pytest.mark.parametrize(
+    ("precision", "strategy"),
+    [
+        ("fp32", {"type": "ddp"}),
+        ("bf16", {"type": "ddp"}),
+        ("fp32", {"type": "deepspeed", "zeroStage": 2}),
+    ],
+    ids=["ddp-fp32", "ddp-bf16", "zero2-fp32"],
+)
+def test_ipex_training_loss_falls(
+    ray_session, tmp_path, tiny_model, small_data, precision, strategy
+):
     # bf16 runs emulated (slowly) on CPUs without AMX / AVX-512 BF16: a few steps only.
     job = write_job(
         tmp_path,
-        f"ipex-{precision}",
+        f"ipex-{precision}-{strategy['type']}",
         tiny_model,
         small_data,
         compute={"workers": 2, "ipex": True},
+        strategy=strategy,
         hyperparameters={"precision": precision, "maxSteps": 8},
     )
     result = finetune(job)

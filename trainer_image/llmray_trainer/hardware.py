@@ -107,6 +107,39 @@ def import_ipex() -> Any:
     return ipex
 
 
+def ipex_optimize(
+    model: Any, optimizer: Any, precision: str, *, deepspeed: bool = False
+) -> tuple[Any, Any]:
+    """`ipex.optimize` for training: fused optimizer, oneDNN weight layouts, bf16 where fast."""
+    import torch
+
+    ipex = import_ipex()
+    model.train()  # ipex.optimize treats a model in eval mode as inference-only
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # IPEX's bf16 weight prepacking needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and asserts
+    # without it (e.g. on AVX2-only AMD EPYC): keep plain layouts there, bf16 still works.
+    prepack = dtype != torch.bfloat16 or bool(ipex._C.onednn_has_bf16_support())
+    if deepspeed:
+        # DeepSpeed's ZeRO optimizer takes over the parameters: IPEX's copied / prepacked
+        # weights and fused update step keep optimizer state under tensors ZeRO no longer
+        # holds, and engine.save_checkpoint fails (KeyError in Optimizer.state_dict). In place,
+        # unfused, IPEX still brings its oneDNN kernels (measured: tests/test_ipex.py).
+        return ipex.optimize(
+            model,
+            optimizer=optimizer,
+            dtype=dtype,
+            weights_prepack=False,
+            inplace=True,
+            fuse_update_step=False,
+        )
+    if not prepack:
+        log.warning(
+            "compute.ipex with bf16 on a CPU without AVX-512 / AVX-NE-CONVERT: "
+            "IPEX weight prepacking is off and bf16 runs emulated (slow)"
+        )
+    return ipex.optimize(model, optimizer=optimizer, dtype=dtype, weights_prepack=prepack)
+
+
 def check_method(hw: Hardware, method: str) -> None:
     if method == "qlora" and hw.device_type != "cuda":
         raise RuntimeError(

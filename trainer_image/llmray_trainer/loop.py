@@ -95,13 +95,15 @@ def train_func(config: dict[str, Any]) -> None:
     # --- optimizer, schedule, strategy ---
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learningRate, weight_decay=hp.weightDecay)
+    if hw.ipex:
+        # IPEX returns new model / optimizer objects: everything after refers to those.
+        model, optimizer = hardware.ipex_optimize(
+            model, optimizer, hp.precision, deepspeed=spec.strategy.type == "deepspeed"
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
     scheduler = make_scheduler(
         hp.lrScheduler, optimizer, round(hp.warmupRatio * total_steps), total_steps
     )
-    if hw.ipex:
-        ipex = hardware.import_ipex()
-        dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
-        model, optimizer = ipex.optimize(model, optimizer=optimizer, dtype=dtype)
     engine = None
     if spec.strategy.type == "deepspeed":
         import deepspeed
