@@ -87,6 +87,9 @@ def assert_model_generates(model_dir: str) -> None:
         pytest.param({"type": "ddp"}, id="ddp"),
         pytest.param({"type": "deepspeed", "zeroStage": 2}, id="zero2"),
         pytest.param({"type": "deepspeed", "zeroStage": 3}, id="zero3"),
+        pytest.param(
+            {"type": "deepspeed", "zeroStage": 1, "offloadOptimizer": True}, id="zero1-offload"
+        ),
     ],
 )
 def test_loss_falls_and_model_reloads(ray_session, tmp_path, tiny_model, small_data, strategy):

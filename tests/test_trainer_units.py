@@ -140,3 +140,23 @@ def test_rank0_check_fails_loudly_on_an_unlabelled_node(ray_session) -> None:
     assert ray.get(check.remote({"ray.io/node-id": node_id})) == "ok"
     with pytest.raises(ray.exceptions.RayTaskError, match=r"without the label llmray.io/rank0"):
         ray.get(check.remote({"llmray.io/rank0": "true"}))
+
+
+def test_spec_env_reaches_local_workers(monkeypatch, caplog) -> None:
+    from llmray_trainer.launcher import spec_env
+    from llmray_trainer.local import local_config
+
+    monkeypatch.setenv("FROM_SHELL", "s")
+    monkeypatch.delenv("MISSING", raising=False)
+    secret = {"secretKeyRef": {"name": "x", "key": "k"}}
+    ftj = job(
+        env=[
+            {"name": "LITERAL", "value": "v"},
+            {"name": "FROM_SHELL", "valueFrom": secret},
+            {"name": "MISSING", "valueFrom": secret},
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        env = spec_env(local_config(ftj, Path("/data"), cpu_count=2))
+    assert env == {"LITERAL": "v", "FROM_SHELL": "s"}
+    assert "spec.env[2] MISSING" in caplog.text

@@ -74,6 +74,26 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     )
 
 
+def spec_env(cfg: TrainerConfig) -> dict[str, str]:
+    """`spec.env` literal values for the workers. On Kubernetes the pods carry all of spec.env;
+    here a `valueFrom` (a Secret) cannot be resolved: the variable comes from the shell."""
+    env = {}
+    for i, var in enumerate(cfg.spec.env):
+        if var.value is not None:
+            env[var.name] = var.value
+        elif var.name in os.environ:
+            env[var.name] = os.environ[var.name]
+        else:
+            log.warning(
+                "spec.env[%d] %s: valueFrom is resolved on Kubernetes only; export %s "
+                "in this shell to pass it to the workers",
+                i,
+                var.name,
+                var.name,
+            )
+    return env
+
+
 def _import_trainer_modules() -> None:
     import ray.train.torch  # noqa: F401  (torch, Ray Train: ~4 s on 2 cores)
 
@@ -122,6 +142,7 @@ def run(cfg: TrainerConfig) -> RunResult:
     # inherit the environment Ray started with, not the driver's current one.
     worker_env = hardware.worker_env(hw, spec.strategy.type, threads)
     worker_env.update({k: v for k, v in os.environ.items() if k.startswith("LLMRAY_")})
+    worker_env.update(spec_env(cfg))
     sink = ProgressSink.remote()
     trainer = TorchTrainer(
         train_func,
