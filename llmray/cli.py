@@ -2,6 +2,7 @@
 
     llmray validate FILE.yaml           check a FineTuneJob / LLMDeployment, every error at once
     llmray finetune FILE.yaml           fine-tune on an embedded local Ray
+    llmray serve FILE.yaml [--port N]   serve it with an OpenAI-compatible API (Ray Serve)
     llmray init-model DIR [--from tiny|smollm2]
     llmray crds [--out DIR]             print (or write) the CustomResourceDefinitions
 
@@ -51,6 +52,18 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    load_resource(args.file, kind="LLMDeployment")  # spec errors before any heavy import
+    from llmray_serve.local import ModelNotReady, serve_file
+
+    try:
+        serve_file(args.file, port=args.port)
+    except ModelNotReady as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _init_model(args: argparse.Namespace) -> int:
     from llmray_trainer.init_model import init_model
 
@@ -90,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="run a FineTuneJob on an embedded local Ray")
     p.add_argument("file", help="FineTuneJob YAML (paths in it are relative to its folder)")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("serve", help="serve an LLMDeployment on a local Ray Serve (OpenAI API)")
+    p.add_argument("file", help="LLMDeployment YAML")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("init-model", help="write a model in Hugging Face format, no hub needed")
     p.add_argument("dir")

@@ -28,3 +28,11 @@ def job_dir(name: str) -> Path:
 
 def cache_dir() -> Path:
     return home() / "cache"
+
+
+def job_status(name: str) -> dict | None:
+    """The status.json `llmray finetune` wrote for job `name` (None if it never ran here)."""
+    import json
+
+    path = job_dir(name) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -27,7 +27,7 @@ def llmray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_session(llmray_home: Path):
     """One embedded Ray for every integration test (the launcher reuses it)."""
     ray = pytest.importorskip("ray")
-    from llmray_trainer.launcher import ensure_ray
+    from llmray.localray import ensure_ray
 
     ensure_ray(num_cpus=os.cpu_count() or 2)
     yield ray

@@ -1,0 +1,138 @@
+"""The Ray Serve application: `build_app(args) -> Application` (the RayService import_path).
+
+    serveConfigV2:
+      applications:
+        - name: gsm8k-7b
+          import_path: llmray_serve.app:build_app
+          args: {name: gsm8k-7b, model_uri: s3://bucket/models/gsm8k-7b, served_name: ..., ...}
+
+Every replica loads the model into an engine and serves the OpenAI API of `ingress.py`.
+Capacity per replica: Ray Serve sends a replica at most `max_ongoing_requests` requests, queues
+up to as many more at its router, and answers 503 beyond that (at once, never an unbounded
+queue); the engine refuses anything past its own limit with an OpenAI-shaped 503 as a backstop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from llmray import uris
+from llmray.serve_args import ServeArgs
+from llmray_serve.ingress import IngressSettings, build_api
+
+log = logging.getLogger(__name__)
+
+
+# What this replica serves. One replica per process, so module state is the replica's own.
+_REPLICA: dict[str, Any] = {}
+
+
+class _Late:
+    """A stand-in that finds the replica's engine / settings when a request comes.
+
+    Ray Serve ships the routes and the deployment class to replicas by value, with copies of
+    the objects they reference: so this holds no state, it reads `_REPLICA` of the imported
+    module, the one `LLMServer.__init__` fills once the model is loaded.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "what":
+            raise AttributeError(name)
+        from llmray_serve import app as module
+
+        target = module._REPLICA.get(self.what)
+        if target is None:
+            raise RuntimeError(f"the replica's {self.what} is not ready")
+        return getattr(target, name)
+
+
+def _replica_api() -> Any:
+    """The FastAPI app, built on each replica (the ASGI-builder form of `serve.ingress`)."""
+    return build_api(_Late("engine"), _Late("settings"))  # type: ignore[arg-type]
+
+
+@serve.deployment(name="llm")
+@serve.ingress(_replica_api)
+class LLMServer:
+    def __init__(self, args: ServeArgs) -> None:
+        model_dir = uris.fetch(
+            args.model_uri, Path(args.base_dir), Path(args.cache_dir), field="spec.model.uri"
+        )
+        api_key = None
+        if args.api_key_env:
+            api_key = os.environ.get(args.api_key_env)
+            if not api_key:
+                raise RuntimeError(
+                    f"spec.apiKeySecretRef is set but {args.api_key_env} is "
+                    "empty in the server's environment"
+                )
+        self.engine = make_engine(args, model_dir)
+        from llmray_serve import app as module  # the real module, not a shipped copy
+
+        module._REPLICA["engine"] = self.engine
+        module._REPLICA["settings"] = IngressSettings(
+            served_name=args.served_name,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            api_key=api_key,
+        )
+        log.info("serving %s as %r", model_dir, args.served_name)
+
+    def check_health(self) -> None:
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("the generation thread died")
+
+
+def make_engine(args: ServeArgs, model_dir: Path) -> Any:
+    if args.engine == "vllm":
+        raise RuntimeError(
+            "spec.engine vllm: the vLLM engine is not available in this release; "
+            "use engine transformers (or auto)"
+        )
+    # engine auto: transformers everywhere until the vLLM engine lands (then: vLLM on
+    # nvidia-gpu when importable).
+    from llmray_serve.hf_engine import TransformersEngine
+
+    device = {"nvidia-gpu": "cuda", "intel-gpu": "xpu"}.get(args.accelerator, "cpu")
+    return TransformersEngine(
+        model_dir, device=device, ipex=args.ipex, max_ongoing=args.max_ongoing_requests
+    )
+
+
+def build_app(
+    args: dict[str, Any] | ServeArgs, *, env: dict[str, str] | None = None
+) -> Application:
+    """The RayService application from its args (validated: a bad arg fails the deploy).
+
+    `env`: extra environment for the replicas, for local runs only (on Kubernetes the pods
+    carry it, e.g. the API key from apiKeySecretRef).
+    """
+    a = ServeArgs.model_validate(args)
+    actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
+    if env:
+        actor_options["runtime_env"] = {"env_vars": dict(env)}
+    autoscaling = None
+    if a.max_replicas > a.min_replicas:
+        autoscaling = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    return LLMServer.options(
+        num_replicas=None if autoscaling else a.min_replicas,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_ongoing_requests,
+        ray_actor_options=actor_options,
+    ).bind(a)

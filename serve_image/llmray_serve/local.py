@@ -1,0 +1,89 @@
+"""`llmray serve FILE.yaml`: the LLMDeployment on a local Ray Serve, until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from llmray import paths
+from llmray.api.llmdeployment import LLMDeployment
+from llmray.api.loader import load_resource
+from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
+
+log = logging.getLogger("llmray.serve")
+
+
+class ModelNotReady(RuntimeError):
+    """model.fineTuneJobRef names a job that has not (successfully) run here."""
+
+
+def local_model_uri(dep: LLMDeployment) -> str:
+    ref = dep.spec.model.fineTuneJobRef
+    if ref is None:
+        return str(dep.spec.model.uri)
+    status = paths.job_status(ref.name)
+    if status is None:
+        raise ModelNotReady(
+            f"spec.model.fineTuneJobRef: no FineTuneJob {ref.name!r} has run on "
+            f"this machine (looked in {paths.job_dir(ref.name)}); run `llmray "
+            "finetune` on it first"
+        )
+    if status.get("phase") != "Succeeded":
+        raise ModelNotReady(
+            f"spec.model.fineTuneJobRef: FineTuneJob {ref.name!r} is "
+            f"{status.get('phase')}, not Succeeded"
+        )
+    return status["model"]["uri"]
+
+
+def local_args(path: Path) -> ServeArgs:
+    dep = load_resource(path, kind="LLMDeployment")
+    assert isinstance(dep, LLMDeployment)
+    args = resolve_serve_args(
+        dep,
+        model_uri=local_model_uri(dep),
+        base_dir=str(path.parent.resolve()),
+        cache_dir=str(paths.cache_dir()),
+        num_cpus=0,
+    )
+    if args.api_key_env and not os.environ.get(API_KEY_ENV):
+        raise ModelNotReady(
+            f"spec.apiKeySecretRef: locally the key comes from ${API_KEY_ENV}; export it first"
+        )
+    # One machine: replicas take no CPU reservation (they share the cores with everything).
+    return args.model_copy(update={"min_replicas": 1, "max_replicas": 1})
+
+
+def start(args: ServeArgs, port: int, host: str = "127.0.0.1") -> str:
+    """Deploy and return the OpenAI base URL once the replica answers."""
+    from ray import serve
+
+    from llmray.localray import ensure_ray
+    from llmray_serve.app import build_app
+
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    env = {}
+    if args.api_key_env:  # replicas inherit Ray's environment, not this shell's
+        env[args.api_key_env] = os.environ.get(args.api_key_env, "")
+    serve.run(build_app(args, env=env), name=args.name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}/v1"
+
+
+def serve_file(path: str | Path, port: int = 8000) -> None:
+    from ray import serve
+
+    args = local_args(Path(path))
+    endpoint = start(args, port)
+    print(
+        f"serving {args.served_name!r} ({args.model_uri}) at {endpoint}  (Ctrl-C stops)", flush=True
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
