@@ -211,3 +211,40 @@ async def test_health_needs_no_key(engine) -> None:
         transport=httpx.ASGITransport(app=app), base_url="http://x"
     ) as http:
         assert (await http.get("/health")).json() == {"status": "ok"}
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+        self.ttft: list[float] = []
+        self.token_counts: list[tuple[int, int]] = []
+
+    def request_done(self, route: str, status: int) -> None:
+        self.requests.append((route, status))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.append(seconds)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.token_counts.append((prompt, completion))
+
+
+async def test_metrics_count_requests_tokens_and_first_token(engine) -> None:
+    metrics = RecordingMetrics()
+    app = build_api(engine, IngressSettings(served_name="tiny"), metrics)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://x"
+    ) as http:
+        await http.post("/v1/completions", json={"model": "tiny", "prompt": "a b", "max_tokens": 3})
+        await http.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True},
+        )
+        await http.post("/v1/completions", json={"model": "nope", "prompt": "a"})
+    assert metrics.requests == [
+        ("/v1/completions", 200),
+        ("/v1/completions", 200),
+        ("/v1/completions", 404),
+    ]
+    assert metrics.token_counts == [(2, 3), (1, 2)]
+    assert len(metrics.ttft) == 2 and all(t >= 0 for t in metrics.ttft)

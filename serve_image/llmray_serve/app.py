@@ -55,9 +55,39 @@ class _Late:
         return getattr(target, name)
 
 
+class RayServeMetrics:
+    """Generation metrics beside Ray Serve's own, on the same Prometheus endpoint."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "llmray_requests", "HTTP requests by route and status.", tag_keys=("route", "status")
+        )
+        self.generated = metrics.Counter("llmray_generated_tokens", "Completion tokens.")
+        self.prompt = metrics.Counter("llmray_prompt_tokens", "Prompt tokens.")
+        self.ttft = metrics.Histogram(
+            "llmray_time_to_first_token_seconds",
+            "From request to the first generated text.",
+            boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+        )
+
+    def request_done(self, route: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            self.prompt.inc(prompt)
+        if completion:
+            self.generated.inc(completion)
+
+
 def _replica_api() -> Any:
     """The FastAPI app, built on each replica (the ASGI-builder form of `serve.ingress`)."""
-    return build_api(_Late("engine"), _Late("settings"))  # type: ignore[arg-type]
+    return build_api(_Late("engine"), _Late("settings"), RayServeMetrics())  # type: ignore[arg-type]
 
 
 @serve.deployment(name="llm")

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,27 @@ class IngressSettings:
     api_key: str | None = None  # bearer key; None: no auth
 
 
+class Metrics(Protocol):
+    """What the ingress reports (Ray Serve's Prometheus metrics in app.py; no-ops in tests)."""
+
+    def request_done(self, route: str, status: int) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def tokens(self, prompt: int, completion: int) -> None: ...
+
+
+class NoMetrics:
+    def request_done(self, route: str, status: int) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        pass
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -55,9 +76,16 @@ class ApiError(Exception):
         self.status, self.body = status, error_body(message, type_, param=param, code=code)
 
 
-def build_api(engine: Engine, settings: IngressSettings) -> FastAPI:
+def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None = None) -> FastAPI:
     app = FastAPI(title="llmray", docs_url=None, redoc_url=None)
     created = int(time.time())
+    metrics = metrics or NoMetrics()
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable) -> Any:
+        response = await call_next(request)
+        metrics.request_done(request.url.path, response.status_code)
+        return response
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -90,14 +118,16 @@ def build_api(engine: Engine, settings: IngressSettings) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_key(request, settings.api_key)
         prompt = str(body.prompt)
-        return await respond(engine, settings, body, prompt, "prompt", _CompletionShape(body))
+        shape = _CompletionShape(body)
+        return await respond(engine, settings, body, prompt, "prompt", shape, metrics)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request):
         check_key(request, settings.api_key)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = engine.render_chat(messages)
-        return await respond(engine, settings, body, prompt, "messages", _ChatShape(body))
+        shape = _ChatShape(body)
+        return await respond(engine, settings, body, prompt, "messages", shape, metrics)
 
     return app
 
@@ -151,7 +181,9 @@ async def respond(
     prompt: str,
     prompt_param: str,
     shape: _Shape,
+    metrics: Metrics,
 ):
+    started = time.perf_counter()
     if body.model != settings.served_name:
         raise ApiError(
             404,
@@ -182,10 +214,11 @@ async def respond(
         ) from exc
     except StopAsyncIteration:
         first = Chunk("", tokens, 0, "stop")
+    metrics.first_token(time.perf_counter() - started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            sse(first, chunks, shape, include_usage),
+            sse(first, chunks, shape, include_usage, metrics),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -198,11 +231,16 @@ async def respond(
         text += chunk.text
         finish = chunk.finish_reason or finish
         usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
+    metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
     return shape.full(text, finish or "stop", usage)
 
 
 async def sse(
-    first: Chunk, rest: AsyncIterator[Chunk], shape: _Shape, include_usage: bool
+    first: Chunk,
+    rest: AsyncIterator[Chunk],
+    shape: _Shape,
+    include_usage: bool,
+    metrics: Metrics,
 ) -> AsyncIterator[str]:
     """`data: {chunk}` events, then `data: [DONE]`; a client that leaves closes `rest`."""
     usage = Usage(first.prompt_tokens, first.completion_tokens)
@@ -216,6 +254,7 @@ async def sse(
         yield "data: [DONE]\n\n"
     finally:
         await rest.aclose()  # cancels the generation when the client disconnected
+        metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
 
 
 def _event(payload: dict[str, Any]) -> str:
