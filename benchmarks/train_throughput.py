@@ -193,8 +193,12 @@ def main() -> int:
 
 
 def write_results(report: str, *, ipex: bool) -> None:
-    """Replace this benchmark's block in BENCHMARKS.md (one block per variant)."""
-    key = "train_throughput" + ("-ipex" if ipex else "")
+    title = "Training throughput" + (" with IPEX" if ipex else "")
+    write_block(report, key="train_throughput" + ("-ipex" if ipex else ""), title=title)
+
+
+def write_block(report: str, *, key: str, title: str) -> None:
+    """Replace the block `key` of BENCHMARKS.md (or add it under `title`)."""
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     path = REPO / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -203,7 +207,6 @@ def write_results(report: str, *, ipex: bool) -> None:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        title = "Training throughput" + (" with IPEX" if ipex else "")
         text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     path.write_text(text)
     print(f"updated {path}")

@@ -46,3 +46,15 @@ def test_ipex_training_loss_falls(
     assert [r["step"] for r in result.steps] == list(range(1, 9))
     assert_loss_falls(result, factor=0.9)
     assert_model_generates(result.model_uri)
+
+
+async def test_ipex_serving_engine_generates(tiny_model) -> None:
+    from llmray_serve.engine import SamplingParams, collect
+    from llmray_serve.hf_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny_model, ipex=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0)
+    first = await collect(engine.generate("Hello there", greedy))
+    again = await collect(engine.generate("Hello there", greedy))
+    assert first.text and first.text == again.text
+    assert 0 < first.usage.completion_tokens <= 8

@@ -1,0 +1,228 @@
+"""Serving load: llmray's Ray Serve app vs a naive server (one HF `generate` per request).
+
+For each concurrency level, `--requests` chat completions (greedy, `--max-tokens` each) are sent
+by that many client threads with the official `openai` client; reported: generated tokens/s,
+p50 / p99 latency, p50 time to first token (streamed requests), and the p50 latency of a
+one-token completion (HTTP + Ray Serve overhead on top of one forward pass).
+
+    python benchmarks/serve_load.py                       # tiny model, updates BENCHMARKS.md
+    python benchmarks/serve_load.py --model models/smollm2-135m-instruct --no-write
+
+The naive baseline is FastAPI + uvicorn in one process, a lock around `model.generate`: what a
+hand-rolled server does, and what the 2x goal is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [f"Tell me a short fact about the number {i}." for i in range(64)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def naive_server(model_dir: Path, port: int) -> None:
+    """One `generate` at a time, each request alone: the baseline."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:
+        text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        with lock, torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=body.get("max_tokens", 16),
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {
+                        "role": "assistant",
+                        "content": tok.decode(new, skip_special_tokens=True),
+                    },
+                }
+            ],
+            "usage": {
+                "prompt_tokens": ids["input_ids"].shape[1],
+                "completion_tokens": len(new),
+                "total_tokens": ids["input_ids"].shape[1] + len(new),
+            },
+        }
+
+    threading.Thread(
+        target=uvicorn.run,
+        args=(app,),
+        kwargs={"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        daemon=True,
+    ).start()
+
+
+def load(
+    base_url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    stream: bool = False,
+) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        if stream:
+            first, tokens = None, 0
+            for chunk in client.chat.completions.create(
+                model=model,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            ):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - start
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return time.perf_counter() - start, first or 0.0, tokens
+        done = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+        )
+        return time.perf_counter() - start, 0.0, done.usage.completion_tokens
+
+    one(0)  # warm-up
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "ttft_p50_s": statistics.median(r[1] for r in results) if stream else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model folder (default: a fresh tiny model)")
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    if args.model:
+        model_dir, label = Path(args.model).resolve(), Path(args.model).name
+    else:
+        from llmray_trainer.tiny_model import create_tiny_model
+
+        model_dir = create_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+        label = "tiny (656k parameters)"
+
+    from llmray.serve_args import ServeArgs
+    from llmray_serve.local import start
+
+    levels = [int(x) for x in args.levels.split(",")]
+    llmray_url = start(
+        ServeArgs(
+            name="bench",
+            model_uri=str(model_dir),
+            served_name="m",
+            max_new_tokens=max(256, args.max_tokens),
+            max_ongoing_requests=max(levels) * 2,
+            num_cpus=0,
+        ),
+        free_port(),
+    )
+    naive_port = free_port()
+    naive_server(model_dir, naive_port)
+    naive_url = f"http://127.0.0.1:{naive_port}/v1"
+    time.sleep(3)
+
+    rows = []
+    for c in levels:
+        ours = load(llmray_url, "m", c, args.requests, args.max_tokens)
+        base = load(naive_url, "m", c, args.requests, args.max_tokens)
+        streamed = load(llmray_url, "m", c, max(c, args.requests // 2), args.max_tokens, True)
+        rows.append(
+            f"| {c} | {ours['tokens_per_s']:.0f} | {base['tokens_per_s']:.0f} | "
+            f"{ours['tokens_per_s'] / base['tokens_per_s']:.1f}x | "
+            f"{ours['p50_s'] * 1000:.0f} / {ours['p99_s'] * 1000:.0f} | "
+            f"{base['p50_s'] * 1000:.0f} / {base['p99_s'] * 1000:.0f} | "
+            f"{streamed['ttft_p50_s'] * 1000:.0f} |"
+        )
+    one_token = load(llmray_url, "m", 1, 20, 1)
+    naive_one = load(naive_url, "m", 1, 20, 1)
+    report = "\n".join(
+        [
+            f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            "",
+            f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
+            f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
+            "engine (batched waves); naive: FastAPI + one `generate` per request.",
+            "",
+            "| concurrency | llmray tokens/s | naive tokens/s | llmray / naive "
+            "| llmray p50 / p99 ms | naive p50 / p99 ms | llmray TTFT p50 ms (stream) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"One-token completion, p50: llmray {one_token['p50_s'] * 1000:.0f} ms, naive "
+            f"{naive_one['p50_s'] * 1000:.0f} ms (same forward pass; the difference is Ray Serve's "
+            "proxy + router hop and the engine's thread hand-off).",
+        ]
+    )
+    print(report)
+    if not args.no_write:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from train_throughput import write_block
+
+        write_block(
+            report,
+            key="serve_load" + ("" if not args.model else "-" + Path(args.model).name),
+            title=f"Serving load: {label}",
+        )
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
