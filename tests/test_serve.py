@@ -143,3 +143,39 @@ def test_burst_gets_200_or_503_and_server_stays_healthy(server) -> None:
     assert set(codes) <= {200, 503}, codes
     assert codes.count(200) >= 2 and codes.count(503) >= 1
     assert small.completions.create(model="small", prompt="after", max_tokens=2).choices
+
+
+def test_llmray_serve_command_serves_and_stops_on_ctrl_c(tmp_path, tiny_model) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "d.yaml").write_text(
+        "apiVersion: llmray.io/v1alpha1\nkind: LLMDeployment\nmetadata: {name: cmd}\n"
+        f"spec:\n  model: {{uri: {tiny_model}}}\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmray.cli", "serve", "d.yaml", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            if line.startswith("serving 'cmd'"):
+                break
+            assert time.monotonic() < deadline, "llmray serve did not come up"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        assert [m.id for m in client.models.list().data] == ["cmd"]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=60) == 0
+        assert "shutting down" in proc.stdout.read()
+    finally:
+        proc.kill()

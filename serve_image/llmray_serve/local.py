@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+import signal
+import threading
 from pathlib import Path
 
 from llmray import paths
@@ -77,13 +78,15 @@ def serve_file(path: str | Path, port: int = 8000) -> None:
 
     args = local_args(Path(path))
     endpoint = start(args, port)
+    # Ray's start replaces the SIGINT handler of this process (Ctrl-C was ignored): take it
+    # back, and treat SIGTERM the same, so both shut the application down cleanly.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     print(
         f"serving {args.served_name!r} ({args.model_uri}) at {endpoint}  (Ctrl-C stops)", flush=True
     )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    finally:
-        serve.shutdown()
+    while not stop.wait(1.0):
+        pass
+    print("shutting down", flush=True)
+    serve.shutdown()
