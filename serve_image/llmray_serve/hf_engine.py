@@ -247,6 +247,16 @@ class _PerRowSampling:
 
         scores = scores.float()
         greedy = self.temps <= 0
+        if bool(greedy.all()):  # the common case of a greedy wave: no vocabulary sort
+            best = scores.argmax(dim=-1, keepdim=True)
+            return torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
+        if bool((self.top_ps >= 1).all()):  # no nucleus cut: temperature only
+            scaled = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
+            if greedy.any():
+                best = scores.argmax(dim=-1, keepdim=True)
+                onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
+                scaled = torch.where(greedy.unsqueeze(1), onehot, scaled)
+            return scaled
         scores = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
         ordered, index = scores.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
