@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmray.api.common import cpu_cores
 from llmray.api.llmdeployment import LLMDeployment
 
 API_KEY_ENV = "LLMRAY_API_KEY"  # e.g. LLMRAY_API_KEY=s3cret, from apiKeySecretRef
@@ -51,7 +52,7 @@ def resolve_serve_args(
     """Pure: the spec plus the model location (resolved from fineTuneJobRef by the caller)."""
     spec = dep.spec
     res = spec.compute.resourcesPerReplica
-    cpus = num_cpus if num_cpus is not None else _cores(res.cpu)
+    cpus = num_cpus if num_cpus is not None else cpu_cores(res.cpu)
     return ServeArgs(
         name=dep.metadata.name,
         model_uri=model_uri,
@@ -73,9 +74,3 @@ def resolve_serve_args(
         num_gpus=float(res.gpu or 0),
         api_key_env=API_KEY_ENV if spec.apiKeySecretRef else None,
     )
-
-
-def _cores(quantity: int | str) -> float:
-    if isinstance(quantity, int):
-        return float(quantity)
-    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)

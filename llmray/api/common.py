@@ -59,6 +59,13 @@ def _check_quantity(value: int | str) -> int | str:
     return value
 
 
+def cpu_cores(quantity: int | str) -> float:
+    """CPU cores of a quantity: 8 -> 8.0, "500m" -> 0.5."""
+    if isinstance(quantity, int):
+        return float(quantity)
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
 Uri = Annotated[
     str,
     AfterValidator(_check_uri),

@@ -247,28 +247,19 @@ class _PerRowSampling:
 
         scores = scores.float()
         greedy = self.temps <= 0
-        if bool(greedy.all()):  # the common case of a greedy wave: no vocabulary sort
-            best = scores.argmax(dim=-1, keepdim=True)
-            return torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-        if bool((self.top_ps >= 1).all()):  # no nucleus cut: temperature only
-            scaled = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
-            if greedy.any():
-                best = scores.argmax(dim=-1, keepdim=True)
-                onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-                scaled = torch.where(greedy.unsqueeze(1), onehot, scaled)
-            return scaled
-        scores = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
-        ordered, index = scores.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # Drop tokens once the mass before them reaches top_p (the first always stays).
-        drop = (probs.cumsum(dim=-1) - probs) >= self.top_ps.unsqueeze(1)
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(1, index, ordered)
-        if greedy.any():
-            best = scores.argmax(dim=-1, keepdim=True)
-            onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-            scores = torch.where(greedy.unsqueeze(1), onehot, scores)
-        return scores
+        best = scores.argmax(dim=-1, keepdim=True)
+        onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
+        if bool(greedy.all()):  # the common greedy wave: no scaling, no vocabulary sort
+            return onehot
+        scaled = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
+        if bool((self.top_ps < 1).any()):
+            ordered, index = scaled.sort(dim=-1, descending=True)
+            probs = ordered.softmax(dim=-1)
+            # Drop tokens once the mass before them reaches top_p (the first always stays).
+            drop = (probs.cumsum(dim=-1) - probs) >= self.top_ps.unsqueeze(1)
+            ordered = ordered.masked_fill(drop, float("-inf"))
+            scaled = torch.full_like(scaled, float("-inf")).scatter(1, index, ordered)
+        return torch.where(greedy.unsqueeze(1), onehot, scaled)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

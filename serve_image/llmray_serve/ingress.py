@@ -292,8 +292,11 @@ class _Shape:
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return self._envelope(self.object_chunk, []) | {"usage": _usage(usage)}
 
-    choice_full: Callable[..., dict[str, Any]]
-    choice_chunk: Callable[..., dict[str, Any]]
+    def choice_full(self, text: str, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def choice_chunk(self, text: str, finish: str | None, is_first: bool) -> dict[str, Any]:
+        raise NotImplementedError
 
     def full(self, text: str, finish: str, usage: Usage) -> dict[str, Any]:
         return self._envelope(self.object_full, [self.choice_full(text, finish)]) | {

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from llmray import paths
+from llmray.api.common import cpu_cores
 from llmray.api.finetunejob import FineTuneJob
 from llmray.api.loader import load_resource
 from llmray.trainer_config import TrainerConfig, resolve_trainer_config
@@ -25,7 +26,7 @@ def local_config(job: FineTuneJob, base_dir: Path, cpu_count: int) -> TrainerCon
     workers = job.spec.compute.workers
     share = max(1, cpu_count // workers)
     asked = job.spec.compute.resourcesPerWorker.cpu
-    asked_cores = _cores(asked)
+    asked_cores = cpu_cores(asked)
     if asked_cores > share:
         log.warning(
             "compute.resourcesPerWorker.cpu %s: this machine has %d cores for %d "
@@ -94,19 +95,6 @@ def write_status(path: Path, **status: object) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status, indent=2))
     tmp.replace(path)
-
-
-def read_status(name: str) -> dict | None:
-    path = paths.job_dir(name) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _cores(quantity: int | str) -> float:
-    if isinstance(quantity, int):
-        return float(quantity)
-    if quantity.endswith("m"):
-        return float(quantity[:-1]) / 1000
-    return float(quantity)
 
 
 def _now() -> str:
