@@ -5,6 +5,7 @@
     llmray serve FILE.yaml [--port N]   serve it with an OpenAI-compatible API (Ray Serve)
     llmray init-model DIR [--from tiny|smollm2]
     llmray crds [--out DIR]             print (or write) the CustomResourceDefinitions
+    llmray operator [--namespace NS]    run the Kubernetes operator against KUBECONFIG / in-cluster
 
 Heavy imports (torch, ray) happen inside the commands that need them, so `validate` and
 `crds` run with only the core package installed.
@@ -121,10 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_init_model)
 
+    p = sub.add_parser("operator", help="run the Kubernetes operator (KUBECONFIG or in-cluster)")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable); default: all namespaces",
+    )
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics (0: off)")
+    p.add_argument("--health-port", type=int, default=8081, help="liveness /healthz (0: off)")
+    p.set_defaults(func=_operator)
+
     p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
     p.add_argument("--out", help="folder to write them to")
     p.set_defaults(func=_crds)
     return parser
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from llmray_operator.main import run
+
+    run(
+        args.namespace,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        verbose=args.verbose,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,158 @@
+"""kopf wiring: every trigger runs the same level-based pass (`reconcile.Reconciler`).
+
+    FineTuneJob    create / update / resume / timer          -> pass on it
+    LLMDeployment  create / update / resume / timer          -> pass on it
+    RayJob         any event (label managed-by=llmray)       -> pass on its FineTuneJob
+    RayService     any event (label managed-by=llmray)       -> pass on its LLMDeployment
+    FineTuneJob    any event                                 -> pass on LLMDeployments using it
+
+No deletion handler and so no finalizer: children go with their parent through
+ownerReferences (Kubernetes garbage collection).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from llmray.api.common import GROUP, VERSION
+from llmray_operator.kube import KubeApi
+from llmray_operator.metrics import PHASES
+from llmray_operator.names import FINETUNEJOB_LABEL, LLMDEPLOYMENT_LABEL, MANAGED_BY
+from llmray_operator.reconcile import Reconciler
+from llmray_operator.settings import Settings
+from llmray_operator.status import TERMINAL
+
+FTJ = (GROUP, VERSION, "finetunejobs")
+LLMD = (GROUP, VERSION, "llmdeployments")
+RAYJOBS = ("ray.io", "v1", "rayjobs")
+RAYSERVICES = ("ray.io", "v1", "rayservices")
+# Timer intervals are fixed when this module is imported (kopf registers them then).
+_SETTINGS = Settings.from_env(os.environ)
+# A pass that failed (API unreachable, a conflict) is retried after this long, not at once.
+RETRY_SECONDS = 10
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's own bookkeeping under our prefix, in annotations, never in status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llmray.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="llmray.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "llmray.io/finalizer"
+    # Only the events we post explicitly (phase transitions, children created).
+    settings.posting.loggers = False
+    # Serve exactly the namespaces given (or all) and the resources present at start: no
+    # list/watch of Namespaces and CRDs, so namespaced installs need no cluster-wide role.
+    # KubeRay's CRDs must exist before the operator starts (restart it after installing them).
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    current = Settings.from_env(os.environ)
+    api = await KubeApi.connect()
+    memo.reconciler = Reconciler(api, current, emit=_emit)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """KUBECONFIG when set (a laptop, the tests), else the pod's service account. Explicit,
+    because kopf picks its built-in login once, at import, from what is installed then."""
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message[:1024])
+
+
+def _reconciler(memo: kopf.Memo) -> Reconciler:
+    return memo.reconciler
+
+
+# --- FineTuneJob ----------------------------------------------------------------------
+
+
+@kopf.on.resume(*FTJ, backoff=RETRY_SECONDS)
+@kopf.on.create(*FTJ, backoff=RETRY_SECONDS)
+@kopf.on.update(*FTJ, backoff=RETRY_SECONDS)
+async def finetunejob_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _reconciler(memo).finetunejob(namespace, name)
+
+
+@kopf.timer(
+    *FTJ,
+    interval=min(_SETTINGS.resync_seconds, _SETTINGS.progress_seconds),
+    initial_delay=_SETTINGS.progress_seconds,
+    when=lambda status, **_: status.get("phase") not in TERMINAL,
+)
+async def finetunejob_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _reconciler(memo).finetunejob(namespace, name)
+
+
+@kopf.on.event(*RAYJOBS, labels=MANAGED_BY)
+async def rayjob_event(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, event: dict[str, Any], **_: Any
+) -> None:
+    owner = labels.get(FINETUNEJOB_LABEL)
+    if owner and event.get("type") != "DELETED":
+        await _reconciler(memo).finetunejob(namespace, owner)
+
+
+# --- LLMDeployment --------------------------------------------------------------------
+
+
+@kopf.index(*LLMD)
+def llmdeployments_by_job(namespace: str, name: str, spec: dict[str, Any], **_: Any):
+    """LLMDeployments waiting on (or serving) each FineTuneJob: {(ns, job): [deployment]}."""
+    ref = (spec.get("model") or {}).get("fineTuneJobRef") or {}
+    return {(namespace, ref["name"]): name} if ref.get("name") else None
+
+
+@kopf.on.resume(*LLMD, backoff=RETRY_SECONDS)
+@kopf.on.create(*LLMD, backoff=RETRY_SECONDS)
+@kopf.on.update(*LLMD, backoff=RETRY_SECONDS)
+async def llmdeployment_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _reconciler(memo).llmdeployment(namespace, name)
+
+
+@kopf.timer(*LLMD, interval=_SETTINGS.resync_seconds, initial_delay=_SETTINGS.resync_seconds)
+async def llmdeployment_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _reconciler(memo).llmdeployment(namespace, name)
+
+
+@kopf.on.event(*RAYSERVICES, labels=MANAGED_BY)
+async def rayservice_event(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, event: dict[str, Any], **_: Any
+) -> None:
+    owner = labels.get(LLMDEPLOYMENT_LABEL)
+    if owner and event.get("type") != "DELETED":
+        await _reconciler(memo).llmdeployment(namespace, owner)
+
+
+@kopf.on.event(*FTJ)
+async def finetunejob_event(
+    namespace: str,
+    name: str,
+    event: dict[str, Any],
+    memo: kopf.Memo,
+    llmdeployments_by_job: kopf.Index,
+    **_: Any,
+) -> None:
+    if event.get("type") == "DELETED":
+        PHASES.forget("FineTuneJob", namespace, name)
+    for deployment in llmdeployments_by_job.get((namespace, name), []):
+        await _reconciler(memo).llmdeployment(namespace, deployment)
+
+
+@kopf.on.event(*LLMD)
+async def llmdeployment_event(namespace: str, name: str, event: dict[str, Any], **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        PHASES.forget("LLMDeployment", namespace, name)
+
+
+logging.getLogger("kr8s").setLevel(logging.WARNING)

@@ -1,0 +1,45 @@
+"""Accelerator -> image variant, device resource name and environment: the one place for it.
+
+Both builders (training and serving) read this, so a new accelerator is added here only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmray_operator.settings import Images
+
+
+@dataclass(frozen=True)
+class Profile:
+    variant: str  # image variant: cpu, nvidia or intel
+    device_resource: str | None  # extended resource of one device, e.g. nvidia.com/gpu
+    env: dict[str, str] = field(default_factory=dict)
+
+    def image(self, images: Images) -> str:
+        return getattr(images, self.variant)
+
+
+def profile(accelerator: str, ipex: bool) -> Profile:
+    if accelerator == "nvidia-gpu":
+        return Profile("nvidia", "nvidia.com/gpu", {"DS_ACCELERATOR": "cuda"})
+    if accelerator == "intel-gpu":
+        return Profile(
+            "intel",
+            "gpu.intel.com/i915",
+            {
+                "DS_ACCELERATOR": "xpu",
+                # oneCCL between Intel GPUs of different pods: IPC handles over sockets, one
+                # CCL worker thread per rank, libfabric over TCP (no RDMA assumed).
+                "CCL_ZE_IPC_EXCHANGE": "sockets",
+                "CCL_WORKER_COUNT": "1",
+                "CCL_ATL_TRANSPORT": "ofi",
+                "FI_PROVIDER": "tcp",
+            },
+        )
+    env = {"DS_ACCELERATOR": "cpu"}
+    if ipex:
+        # The Intel image (torch 2.8 + IPEX 2.8) on Xeons; oneCCL for the gloo-less path.
+        env.update({"CCL_WORKER_COUNT": "1", "CCL_ATL_TRANSPORT": "ofi"})
+        return Profile("intel", None, env)
+    return Profile("cpu", None, env)

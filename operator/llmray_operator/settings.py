@@ -1,0 +1,88 @@
+"""Operator settings, read once from the environment (the Helm chart sets them).
+
+Builders take a `Settings` argument instead of reading the environment, so they stay pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_IMAGE_REPO = "ghcr.io/llmray"
+DEFAULT_TAG = "0.1.0"
+
+
+class Images(BaseModel):
+    """One image per hardware variant: CPU, NVIDIA (CUDA) and Intel (IPEX, XPU)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu: str
+    nvidia: str
+    intel: str
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    trainer_images: Images = Images(
+        cpu=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}",
+        nvidia=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}-gpu",
+        intel=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}-intel",
+    )
+    server_images: Images = Images(
+        cpu=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}",
+        nvidia=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}-gpu",
+        intel=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}-intel",
+    )
+    image_pull_policy: str = "IfNotPresent"
+    ray_version: str = "2.60.0"
+    # Checkpoints and the final model of jobs that set neither checkpointing.storageUri nor
+    # output.uri: pods need shared storage (s3://, gs:// or pvc://). Empty: such jobs fail
+    # with InvalidSpec naming spec.checkpointing.storageUri.
+    default_storage_uri: str = ""
+    # The head runs the driver (data checks, progress) and Ray's control plane, no training.
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    # How long a finished job's Ray cluster stays up (logs, dashboard) before KubeRay deletes it.
+    ttl_seconds_after_finished: int = Field(default=600, ge=0)
+    # Ray token authentication on every cluster (dashboard, GCS, job submission): KubeRay
+    # generates the token Secret; the operator never needs it (progress comes from pod logs).
+    ray_auth_mode: str = "token"
+    cluster_domain: str = "cluster.local"
+    # Level-based safety net: every object is reconciled at least this often.
+    resync_seconds: float = Field(default=60, gt=0)
+    # How often a running job's trainer progress is read from its submitter pod's log.
+    progress_seconds: float = Field(default=15, gt=0)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """LLMRAY_* variables; unset or empty ones keep the defaults above."""
+
+        def get(name: str) -> str | None:
+            return env.get(name) or None
+
+        base = cls()
+        images = {}
+        for kind, prefix in (("trainer_images", "TRAINER"), ("server_images", "SERVER")):
+            default: Images = getattr(base, kind)
+            images[kind] = Images(
+                cpu=get(f"LLMRAY_{prefix}_IMAGE") or default.cpu,
+                nvidia=get(f"LLMRAY_{prefix}_IMAGE_NVIDIA") or default.nvidia,
+                intel=get(f"LLMRAY_{prefix}_IMAGE_INTEL") or default.intel,
+            )
+        scalars = {
+            "image_pull_policy": "LLMRAY_IMAGE_PULL_POLICY",
+            "ray_version": "LLMRAY_RAY_VERSION",
+            "default_storage_uri": "LLMRAY_DEFAULT_STORAGE_URI",
+            "head_cpu": "LLMRAY_HEAD_CPU",
+            "head_memory": "LLMRAY_HEAD_MEMORY",
+            "ttl_seconds_after_finished": "LLMRAY_TTL_SECONDS_AFTER_FINISHED",
+            "ray_auth_mode": "LLMRAY_RAY_AUTH_MODE",
+            "cluster_domain": "LLMRAY_CLUSTER_DOMAIN",
+            "resync_seconds": "LLMRAY_RESYNC_SECONDS",
+            "progress_seconds": "LLMRAY_PROGRESS_SECONDS",
+        }
+        values = {key: get(var) for key, var in scalars.items()}
+        return cls(**images, **{k: v for k, v in values.items() if v is not None})
