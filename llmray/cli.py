@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics (0: off)")
     p.add_argument("--health-port", type=int, default=8081, help="liveness /healthz (0: off)")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning"], default="info", help="default info"
+    )
     p.set_defaults(func=_operator)
 
     p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
@@ -147,7 +150,8 @@ def _operator(args: argparse.Namespace) -> int:
         args.namespace,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
-        verbose=args.verbose,
+        verbose=args.verbose or args.log_level == "debug",
+        quiet=args.log_level == "warning",
     )
     return 0
 

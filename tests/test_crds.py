@@ -80,6 +80,7 @@ def test_crd_files_are_up_to_date() -> None:
         CRDS.mkdir(exist_ok=True)
         for name, text in rendered.items():
             (CRDS / name).write_text(text)
+            (REPO / "helm" / "llmray" / "crds" / name).write_text(text)  # the chart's copy
     for name, text in rendered.items():
         path = CRDS / name
         assert path.exists() and path.read_text() == text, (

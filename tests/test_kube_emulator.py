@@ -22,7 +22,7 @@ from tests.kube.emulator import KubeEmulator, emulated_cluster, merge_patch
 from tests.kube.schema import CrdSchema
 
 ROOT = Path(__file__).resolve().parents[1]
-KUBERAY = ROOT.parent / "shared" / "kuberay-crds"
+KUBERAY = ROOT / "third_party" / "kuberay-crds"
 RAYJOB_CRD = KUBERAY / "ray.io_rayjobs.yaml"
 FINETUNE_CRD = ROOT / "crds" / "llmray.io_finetunejobs.yaml"
 RAYJOBS = "ray.io/v1/rayjobs"
@@ -30,10 +30,7 @@ FTJ = "llmray.io/v1alpha1/finetunejobs"
 CM_PATH = "/api/v1/namespaces/ns1/configmaps"
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not RAYJOB_CRD.exists(), reason=f"KubeRay CRDs not found in {KUBERAY}"),
-]
+pytestmark = [pytest.mark.timeout(60)]
 
 RayJob = new_class(kind="RayJob", version="ray.io/v1", namespaced=True)
 

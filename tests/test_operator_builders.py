@@ -27,7 +27,7 @@ from tests.kube.schema import CrdSchema
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "kubernetes"
 GOLDEN = Path(__file__).parent / "golden" / "operator"
-KUBERAY = ROOT.parent / "shared" / "kuberay-crds"
+KUBERAY = ROOT / "third_party" / "kuberay-crds"
 SETTINGS = Settings(default_storage_uri="pvc://llmray-runs")
 UID = "6f1c1d8e-0000-4000-8000-000000000001"
 

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = [
     ROOT / "crds" / "llmray.io_finetunejobs.yaml",
     ROOT / "crds" / "llmray.io_llmdeployments.yaml",
-    ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayjobs.yaml",
-    ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml",
+    ROOT / "third_party" / "kuberay-crds" / "ray.io_rayjobs.yaml",
+    ROOT / "third_party" / "kuberay-crds" / "ray.io_rayservices.yaml",
 ]
 FTJ = "llmray.io/v1alpha1/finetunejobs"
 LLMD = "llmray.io/v1alpha1/llmdeployments"
@@ -288,18 +288,24 @@ async def test_llmdeployment_waits_for_its_job_then_serves_its_model(cluster):
         assert status["modelUri"] == "s3://models/support-bot"
 
         # A spec edit patches the RayService (KubeRay then rolls it).
+        def replicas_pod():
+            service = kube.get_object(RAYSERVICES, NS, "support-bot")
+            group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+            return group["maxReplicas"], group["template"]["spec"].get("nodeSelector")
+
         dep = kube.get_object(LLMD, NS, "support-bot")
         dep["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 5}
+        dep["spec"]["compute"]["nodeSelector"] = {"pool": "serving"}
         await kube.apply_object(dep)
-        await eventually(
-            lambda: (
-                kube.get_object(RAYSERVICES, NS, "support-bot")["spec"]["rayClusterConfig"][
-                    "workerGroupSpecs"
-                ][0]["maxReplicas"]
-                == 5
-            ),
-            what="RayService patched",
-        )
+        await eventually(lambda: replicas_pod() == (5, {"pool": "serving"}), what="patched")
+        # ... and a field removed from the spec is removed from the RayService too.
+        dep = kube.get_object(LLMD, NS, "support-bot")
+        del dep["spec"]["compute"]["nodeSelector"]
+        await kube.apply_object(dep)
+        await eventually(lambda: replicas_pod() == (5, None), what="nodeSelector removed")
+        # No finalizers: deleting a CR never waits for the operator.
+        for res in (FTJ, LLMD):
+            assert not kube.get_object(res, NS, "support-bot")["metadata"].get("finalizers")
 
 
 async def test_a_failed_referenced_job_fails_the_deployment(cluster):
@@ -474,3 +480,23 @@ async def test_the_operator_makes_exactly_the_api_calls_its_rbac_rules_grant(clu
     assert made - granted == set(), "calls the RBAC rules do not grant"
     unused = {g for g in granted - made if (g[0], g[1]) not in NOT_REQUESTED}
     assert unused == set(), "RBAC rules the operator never needs"
+
+
+async def test_progress_is_read_periodically_while_the_job_runs(cluster, monkeypatch):
+    """A pod log sends no event: the periodic pass picks up new progress lines."""
+    monkeypatch.setenv("LLMRAY_PROGRESS_SECONDS", "0.3")
+    kube = cluster
+    async with operator():
+        await kube.apply_object(copy.deepcopy(JOB))
+        await eventually(lambda: kube.get_object(RAYJOBS, NS, "support-bot"), what="RayJob")
+        await kube.apply_object(submitter_pod("support-bot"))
+        await play_kuberay_rayjob(
+            kube, "support-bot", jobDeploymentStatus="Running", jobStatus="RUNNING"
+        )
+        await eventually(lambda: phase(kube, FTJ, "support-bot") == "Running", what="Running")
+        for step in (3, 7):
+            kube.set_pod_log(NS, "support-bot-abcde", format_line({"step": step}) + "\n")
+            await eventually(
+                lambda s=step: status_of(kube, FTJ)["progress"].get("step") == s,
+                what=f"step {step}",
+            )

@@ -1,6 +1,6 @@
 """Status mapping, a pure function: every KubeRay status value has a defined phase.
 
-Values from KubeRay v1.7.0 (../shared/kuberay-crds/README.md): RayJob jobDeploymentStatus x
+Values from KubeRay v1.7.0 (third_party/kuberay-crds/README.md): RayJob jobDeploymentStatus x
 jobStatus, RayService conditions and Serve application statuses.
 """
 

@@ -1,17 +1,22 @@
 """kopf wiring: every trigger runs the same level-based pass (`reconcile.Reconciler`).
 
-    FineTuneJob    create / update / resume / timer          -> pass on it
-    LLMDeployment  create / update / resume / timer          -> pass on it
+    FineTuneJob    create / update / resume                  -> pass on it
+    LLMDeployment  create / update / resume                  -> pass on it
     RayJob         any event (label managed-by=llmray)       -> pass on its FineTuneJob
     RayService     any event (label managed-by=llmray)       -> pass on its LLMDeployment
     FineTuneJob    any event                                 -> pass on LLMDeployments using it
+    resync task    every LLMRAY_PROGRESS_SECONDS / LLMRAY_RESYNC_SECONDS
+                                                             -> running jobs / all deployments
 
-No deletion handler and so no finalizer: children go with their parent through
-ownerReferences (Kubernetes garbage collection).
+No deletion handler, timer or daemon, and so no finalizer (kopf puts one on objects with
+timers): children go with their parent through ownerReferences (garbage collection), and
+deleting a CR never waits for the operator.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -30,10 +35,9 @@ FTJ = (GROUP, VERSION, "finetunejobs")
 LLMD = (GROUP, VERSION, "llmdeployments")
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 RAYSERVICES = ("ray.io", "v1", "rayservices")
-# Timer intervals are fixed when this module is imported (kopf registers them then).
-_SETTINGS = Settings.from_env(os.environ)
 # A pass that failed (API unreachable, a conflict) is retried after this long, not at once.
 RETRY_SECONDS = 10
+log = logging.getLogger("llmray.operator")
 
 
 @kopf.on.startup()
@@ -55,6 +59,42 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     current = Settings.from_env(os.environ)
     api = await KubeApi.connect()
     memo.reconciler = Reconciler(api, current, emit=_emit)
+    # Objects seen on the watch streams, for the periodic passes: {(namespace, name): phase}.
+    memo.jobs = {}
+    memo.deployments = {}
+    memo.resync = asyncio.create_task(_resync(memo, current))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.resync
+
+
+async def _resync(memo: kopf.Memo, settings: Settings) -> None:
+    """The level-based safety net: running jobs every progress interval (their progress
+    lives in a pod log, which sends no event), every deployment every resync interval."""
+    tick = min(settings.progress_seconds, settings.resync_seconds)
+    elapsed = 0.0
+    while True:
+        await asyncio.sleep(tick)
+        elapsed += tick
+        due = list(memo.jobs.items())
+        for (namespace, name), phase in due:
+            if phase not in TERMINAL:
+                await _guarded(memo.reconciler.finetunejob(namespace, name))
+        if elapsed >= settings.resync_seconds:
+            elapsed = 0.0
+            for namespace, name in list(memo.deployments):
+                await _guarded(memo.reconciler.llmdeployment(namespace, name))
+
+
+async def _guarded(pass_) -> None:
+    try:
+        await pass_
+    except Exception as exc:  # a periodic pass must never end the loop
+        log.warning("periodic pass failed: %s", exc)
 
 
 @kopf.on.login()
@@ -84,16 +124,6 @@ async def finetunejob_changed(namespace: str, name: str, memo: kopf.Memo, **_: A
     await _reconciler(memo).finetunejob(namespace, name)
 
 
-@kopf.timer(
-    *FTJ,
-    interval=min(_SETTINGS.resync_seconds, _SETTINGS.progress_seconds),
-    initial_delay=_SETTINGS.progress_seconds,
-    when=lambda status, **_: status.get("phase") not in TERMINAL,
-)
-async def finetunejob_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).finetunejob(namespace, name)
-
-
 @kopf.on.event(*RAYJOBS, labels=MANAGED_BY)
 async def rayjob_event(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, event: dict[str, Any], **_: Any
@@ -103,9 +133,6 @@ async def rayjob_event(
         await _reconciler(memo).finetunejob(namespace, owner)
 
 
-# --- LLMDeployment --------------------------------------------------------------------
-
-
 @kopf.index(*LLMD)
 def llmdeployments_by_job(namespace: str, name: str, spec: dict[str, Any], **_: Any):
     """LLMDeployments waiting on (or serving) each FineTuneJob: {(ns, job): [deployment]}."""
@@ -113,15 +140,32 @@ def llmdeployments_by_job(namespace: str, name: str, spec: dict[str, Any], **_: 
     return {(namespace, ref["name"]): name} if ref.get("name") else None
 
 
+@kopf.on.event(*FTJ)
+async def finetunejob_event(
+    namespace: str,
+    name: str,
+    status: dict[str, Any],
+    event: dict[str, Any],
+    memo: kopf.Memo,
+    llmdeployments_by_job: kopf.Index,
+    **_: Any,
+) -> None:
+    if event.get("type") == "DELETED":
+        memo.jobs.pop((namespace, name), None)
+        PHASES.forget("FineTuneJob", namespace, name)
+    else:
+        memo.jobs[(namespace, name)] = status.get("phase")
+    for deployment in llmdeployments_by_job.get((namespace, name), []):
+        await _reconciler(memo).llmdeployment(namespace, deployment)
+
+
+# --- LLMDeployment --------------------------------------------------------------------
+
+
 @kopf.on.resume(*LLMD, backoff=RETRY_SECONDS)
 @kopf.on.create(*LLMD, backoff=RETRY_SECONDS)
 @kopf.on.update(*LLMD, backoff=RETRY_SECONDS)
 async def llmdeployment_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).llmdeployment(namespace, name)
-
-
-@kopf.timer(*LLMD, interval=_SETTINGS.resync_seconds, initial_delay=_SETTINGS.resync_seconds)
-async def llmdeployment_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     await _reconciler(memo).llmdeployment(namespace, name)
 
 
@@ -134,25 +178,15 @@ async def rayservice_event(
         await _reconciler(memo).llmdeployment(namespace, owner)
 
 
-@kopf.on.event(*FTJ)
-async def finetunejob_event(
-    namespace: str,
-    name: str,
-    event: dict[str, Any],
-    memo: kopf.Memo,
-    llmdeployments_by_job: kopf.Index,
-    **_: Any,
+@kopf.on.event(*LLMD)
+async def llmdeployment_event(
+    namespace: str, name: str, event: dict[str, Any], memo: kopf.Memo, **_: Any
 ) -> None:
     if event.get("type") == "DELETED":
-        PHASES.forget("FineTuneJob", namespace, name)
-    for deployment in llmdeployments_by_job.get((namespace, name), []):
-        await _reconciler(memo).llmdeployment(namespace, deployment)
-
-
-@kopf.on.event(*LLMD)
-async def llmdeployment_event(namespace: str, name: str, event: dict[str, Any], **_: Any) -> None:
-    if event.get("type") == "DELETED":
+        memo.deployments.pop((namespace, name), None)
         PHASES.forget("LLMDeployment", namespace, name)
+    else:
+        memo.deployments[(namespace, name)] = None
 
 
 logging.getLogger("kr8s").setLevel(logging.WARNING)

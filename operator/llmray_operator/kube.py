@@ -115,15 +115,31 @@ class KubeApi:
         return existing, False
 
     async def replace_spec(
-        self, res: Resource, namespace: str, name: str, spec: dict[str, Any]
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        spec: dict[str, Any],
+        annotations: dict[str, str],
     ) -> dict[str, Any]:
-        """Set the whole spec (a JSON patch `replace`: fields we dropped go away too)."""
+        """Set the whole spec (a JSON patch `replace`: fields we dropped go away too) and
+        merge `annotations` into the object's."""
+        ops: list[dict[str, Any]] = [{"op": "replace", "path": "/spec", "value": spec}]
+        existing = (await self.get(res, namespace, name) or {}).get("metadata", {})
+        if "annotations" not in existing:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
+        else:
+            for key, value in annotations.items():
+                escaped = key.replace("~", "~0").replace("/", "~1")
+                ops.append(
+                    {"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value}
+                )
         return await self._call(
             "PATCH",
             res,
             namespace,
             f"{res.plural}/{name}",
-            body=[{"op": "replace", "path": "/spec", "value": spec}],
+            body=ops,
             content_type="application/json-patch+json",
         )
 

@@ -12,6 +12,7 @@ def run(
     metrics_port: int = 8080,
     health_port: int = 8081,
     verbose: bool = False,
+    quiet: bool = False,
     stop_flag: threading.Event | None = None,
 ) -> None:
     import kopf
@@ -19,8 +20,9 @@ def run(
 
     import llmray_operator.handlers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(verbose=verbose, log_prefix=True)
-    logging.getLogger("llmray").setLevel(logging.DEBUG if verbose else logging.INFO)
+    kopf.configure(verbose=verbose, quiet=quiet, log_prefix=True)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("llmray").setLevel(level)
     if metrics_port:
         start_http_server(metrics_port)
     kopf.run(

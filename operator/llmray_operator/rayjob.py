@@ -75,10 +75,14 @@ def cluster_errors(job: FineTuneJob, settings: Settings) -> list[FieldError]:
 
 
 def trainer_config(job: FineTuneJob, settings: Settings) -> TrainerConfig:
+    # The operator's default storage is shared by every namespace: runs (named after the
+    # job, which resumes them) get a folder per namespace so same-named jobs never meet.
+    namespace = job.metadata.namespace or "default"
+    default = settings.default_storage_uri
     return resolve_trainer_config(
         job,
         base_dir="/",
-        default_storage=settings.default_storage_uri,
+        default_storage=f"{default.rstrip('/')}/{namespace}" if default else "",
         cache_dir=f"{pods.CACHE_DIR}/cache",
         cpus_per_worker=cpu_cores(job.spec.compute.resourcesPerWorker.cpu),
         rank0_label=default_rank0_label(job),

