@@ -36,6 +36,7 @@ VALUE_SETS = {
         "rayAuthMode": "disabled",
         "head": {"cpu": "4", "memory": "16Gi"},
         "ttlSecondsAfterFinished": 3600,
+        "rayPods": {"serviceAccountName": "ml-jobs", "imagePullSecrets": ["regcred", "mirror"]},
         "logLevel": "debug",
         "nodeSelector": {"node-role.kubernetes.io/control": "true"},
         "tolerations": [
@@ -169,6 +170,8 @@ def test_values_reach_the_operator_settings(tmp_path):
     assert settings.ray_auth_mode == "disabled"
     assert (settings.head_cpu, settings.head_memory) == ("4", "16Gi")
     assert settings.ttl_seconds_after_finished == 3600
+    assert settings.ray_service_account == "ml-jobs"
+    assert settings.ray_image_pull_secrets == ("regcred", "mirror")
     assert "--log-level=debug" in container["args"]
     assert container["image"] == "registry.example.com/llmray/operator:1.2.3"
     (monitor,) = by_kind(docs, "ServiceMonitor")

@@ -290,3 +290,18 @@ def test_no_storage_anywhere_is_an_error_naming_storage_uri():
     job = parse_finetunejob(CPU_DDP)
     with pytest.raises(SpecError, match=r"spec.checkpointing.storageUri: required on a cluster"):
         rayjob.build(job, _owner(job), Settings())
+
+
+def test_ray_pods_get_the_service_account_and_pull_secrets_of_the_settings():
+    settings = SETTINGS.model_copy(
+        update={"ray_service_account": "ml-jobs", "ray_image_pull_secrets": ("regcred",)}
+    )
+    job = parse_finetunejob(CPU_DDP)
+    cluster = rayjob.build(job, _owner(job), settings).ray_job["spec"]["rayClusterSpec"]
+    dep = _with_namespace(load_resource(EXAMPLES / "llmdeployment-cpu.yaml"))
+    service = rayservice.build(dep, _owner(dep), dep.spec.model.uri, settings)
+    for spec in (cluster, service["spec"]["rayClusterConfig"]):
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            assert pod["serviceAccountName"] == "ml-jobs"
+            assert pod["imagePullSecrets"] == [{"name": "regcred"}]

@@ -93,3 +93,14 @@ def pod_template(
     if labels:
         template["metadata"] = {"labels": dict(labels)}
     return template
+
+
+def apply_pod_settings(cluster: dict[str, Any], service_account: str, pull_secrets) -> None:
+    """The ServiceAccount and image pull secrets of every Ray pod (head and all groups)."""
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    for group in groups:
+        spec = group["template"]["spec"]
+        if service_account:
+            spec["serviceAccountName"] = service_account
+        if pull_secrets:
+            spec["imagePullSecrets"] = [{"name": name} for name in pull_secrets]

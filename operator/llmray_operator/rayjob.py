@@ -217,6 +217,7 @@ def _rayjob_spec(
     }
     if settings.ray_auth_mode != "disabled":
         cluster["authOptions"] = {"mode": settings.ray_auth_mode}
+    pods.apply_pod_settings(cluster, settings.ray_service_account, settings.ray_image_pull_secrets)
     out: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",

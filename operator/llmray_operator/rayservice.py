@@ -153,6 +153,7 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
         cluster["enableInTreeAutoscaling"] = True
     if settings.ray_auth_mode != "disabled":
         cluster["authOptions"] = {"mode": settings.ray_auth_mode}
+    pods.apply_pod_settings(cluster, settings.ray_service_account, settings.ray_image_pull_secrets)
     spec = {"serveConfigV2": serve_config(args), "rayClusterConfig": cluster}
     metadata = owner.metadata(
         ray_name(dep.metadata.name), labels(LLMDEPLOYMENT_LABEL, dep.metadata.name, COMPONENT)

@@ -51,6 +51,11 @@ class Settings(BaseModel):
     # generates the token Secret; the operator never needs it (progress comes from pod logs).
     ray_auth_mode: str = "token"
     cluster_domain: str = "cluster.local"
+    # Every Ray pod's ServiceAccount (e.g. with workload identity for S3 / GCS); empty: the
+    # namespace's default.
+    ray_service_account: str = ""
+    # Secrets (in each job's namespace) for pulling the trainer and server images.
+    ray_image_pull_secrets: tuple[str, ...] = ()
     # Level-based safety net: every object is reconciled at least this often.
     resync_seconds: float = Field(default=60, gt=0)
     # How often a running job's trainer progress is read from its submitter pod's log.
@@ -83,6 +88,12 @@ class Settings(BaseModel):
             "cluster_domain": "LLMRAY_CLUSTER_DOMAIN",
             "resync_seconds": "LLMRAY_RESYNC_SECONDS",
             "progress_seconds": "LLMRAY_PROGRESS_SECONDS",
+            "ray_service_account": "LLMRAY_RAY_SERVICE_ACCOUNT",
         }
-        values = {key: get(var) for key, var in scalars.items()}
+        values: dict = {key: get(var) for key, var in scalars.items()}
+        secrets = get("LLMRAY_RAY_IMAGE_PULL_SECRETS")  # comma-separated names
+        if secrets:
+            values["ray_image_pull_secrets"] = tuple(
+                name.strip() for name in secrets.split(",") if name.strip()
+            )
         return cls(**images, **{k: v for k, v in values.items() if v is not None})
