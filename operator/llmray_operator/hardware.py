@@ -19,6 +19,10 @@ class Profile:
     def image(self, images: Images) -> str:
         return getattr(images, self.variant)
 
+    def ray_start_params(self, devices: int) -> dict[str, str]:
+        """KubeRay derives num-gpus from nvidia.com/gpu only; Intel GPUs are declared here."""
+        return {"num-gpus": str(devices)} if devices and self.variant == "intel" else {}
+
 
 def profile(accelerator: str, ipex: bool) -> Profile:
     if accelerator == "nvidia-gpu":

@@ -117,16 +117,15 @@ class KubeApi:
     async def replace_spec(
         self,
         res: Resource,
-        namespace: str,
-        name: str,
+        existing: dict[str, Any],
         spec: dict[str, Any],
         annotations: dict[str, str],
     ) -> dict[str, Any]:
-        """Set the whole spec (a JSON patch `replace`: fields we dropped go away too) and
-        merge `annotations` into the object's."""
+        """Set the whole spec of `existing` (a JSON patch `replace`: fields we dropped go away
+        too) and merge `annotations` into its own."""
+        meta = existing["metadata"]
         ops: list[dict[str, Any]] = [{"op": "replace", "path": "/spec", "value": spec}]
-        existing = (await self.get(res, namespace, name) or {}).get("metadata", {})
-        if "annotations" not in existing:
+        if "annotations" not in meta:
             ops.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
         else:
             for key, value in annotations.items():
@@ -137,8 +136,8 @@ class KubeApi:
         return await self._call(
             "PATCH",
             res,
-            namespace,
-            f"{res.plural}/{name}",
+            meta["namespace"],
+            f"{res.plural}/{meta['name']}",
             body=ops,
             content_type="application/json-patch+json",
         )

@@ -76,6 +76,32 @@ def tolerations(items: list[Toleration]) -> list[dict[str, Any]]:
     return [t.model_dump(exclude_none=True) for t in items]
 
 
+def container(
+    name: str,
+    *,
+    image: str,
+    pull_policy: str,
+    env: list[dict[str, Any]],
+    env_from: list[dict[str, Any]],
+    resources: dict[str, Any],
+    mounts: list[dict[str, Any]],
+    ports: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+    }
+    if env_from:
+        c["envFrom"] = env_from
+    if ports:
+        c["ports"] = ports
+    return c
+
+
 def pod_template(
     *,
     container: dict[str, Any],

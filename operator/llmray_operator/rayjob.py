@@ -141,19 +141,16 @@ def _rayjob_spec(
     mounts = [pods.SHM_MOUNT, pods.CACHE_MOUNT, *pvc_mounts]
 
     def container(name: str, resources: dict[str, Any], extra_mounts=(), ports=None):
-        c: dict[str, Any] = {
-            "name": name,
-            "image": image,
-            "imagePullPolicy": settings.image_pull_policy,
-            "env": env,
-            "resources": resources,
-            "volumeMounts": [*mounts, *extra_mounts],
-        }
-        if env_from:
-            c["envFrom"] = env_from
-        if ports:
-            c["ports"] = ports
-        return c
+        return pods.container(
+            name,
+            image=image,
+            pull_policy=settings.image_pull_policy,
+            env=env,
+            env_from=env_from,
+            resources=resources,
+            mounts=[*mounts, *extra_mounts],
+            ports=ports,
+        )
 
     # The driver runs on the head: the ConfigMap is mounted there.
     config_volume = {
@@ -194,7 +191,7 @@ def _rayjob_spec(
                 tolerations,
                 pod_labels,
                 ray_labels=dict(cfg.rank0_label),
-                devices=compute.resourcesPerWorker.gpu if hw.variant == "intel" else 0,
+                start_params=hw.ray_start_params(compute.resourcesPerWorker.gpu),
             )
         )
     if others:
@@ -207,7 +204,7 @@ def _rayjob_spec(
                 compute.nodeSelector,
                 tolerations,
                 pod_labels,
-                devices=compute.resourcesPerWorker.gpu if hw.variant == "intel" else 0,
+                start_params=hw.ray_start_params(compute.resourcesPerWorker.gpu),
             )
         )
     cluster: dict[str, Any] = {
@@ -244,18 +241,14 @@ def _group(
     pod_labels: dict[str, str],
     *,
     ray_labels: dict[str, str] | None = None,
-    devices: int = 0,
+    start_params: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    start: dict[str, str] = {}
-    if devices:
-        # KubeRay derives num-gpus from nvidia.com/gpu only; Intel GPUs are declared here.
-        start["num-gpus"] = str(devices)
     group: dict[str, Any] = {
         "groupName": name,
         "replicas": replicas,
         "minReplicas": replicas,
         "maxReplicas": replicas,
-        "rayStartParams": start,
+        "rayStartParams": dict(start_params or {}),
         "template": pods.pod_template(
             container=container,
             volumes=volumes,

@@ -94,18 +94,16 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
     template_labels = pod_labels(LLMDEPLOYMENT_LABEL, dep.metadata.name, COMPONENT)
 
     def container(name: str, resources: dict[str, Any], ports: list[dict[str, Any]]):
-        c: dict[str, Any] = {
-            "name": name,
-            "image": image,
-            "imagePullPolicy": settings.image_pull_policy,
-            "env": env,
-            "resources": resources,
-            "volumeMounts": mounts,
-            "ports": ports,
-        }
-        if env_from:
-            c["envFrom"] = env_from
-        return c
+        return pods.container(
+            name,
+            image=image,
+            pull_policy=settings.image_pull_policy,
+            env=env,
+            env_from=env_from,
+            resources=resources,
+            mounts=mounts,
+            ports=ports,
+        )
 
     head = {
         "rayStartParams": {"num-cpus": "0"},
@@ -120,9 +118,6 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
         ),
     }
     scaling = spec.scaling
-    start: dict[str, str] = {}
-    if hw.variant == "intel" and compute.resourcesPerReplica.gpu:
-        start["num-gpus"] = str(compute.resourcesPerReplica.gpu)
     replicas = {
         "groupName": "replicas",
         "replicas": max(scaling.minReplicas, 1)
@@ -130,7 +125,7 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
         else scaling.minReplicas,
         "minReplicas": scaling.minReplicas,
         "maxReplicas": scaling.maxReplicas,
-        "rayStartParams": start,
+        "rayStartParams": hw.ray_start_params(compute.resourcesPerReplica.gpu),
         "template": pods.pod_template(
             container=container(
                 "ray-worker",

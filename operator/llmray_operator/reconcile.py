@@ -31,6 +31,7 @@ from llmray_operator.settings import Settings
 from llmray_operator.status import (
     TERMINAL,
     Verdict,
+    condition,
     finetunejob_status,
     llmdeployment_status,
     rayservice_verdict,
@@ -219,7 +220,7 @@ class Reconciler:
         st = job.get("status") or {}
         phase = st.get("phase") or "Pending"
         if phase == "Failed":
-            failed = next((c for c in st.get("conditions", []) if c.get("type") == "Failed"), {})
+            failed = condition(st, "Failed")
             return Verdict(
                 "Failed",
                 "ModelFailed",
@@ -247,9 +248,7 @@ class Reconciler:
         have = service["metadata"].get("annotations") or {}
         if have.get(rayservice.SPEC_HASH) != want[rayservice.SPEC_HASH]:
             # KubeRay rolls the Ray cluster (or updates Serve in place) on a spec change.
-            service = await self.api.replace_spec(
-                RAYSERVICES, meta["namespace"], meta["name"], desired["spec"], want
-            )
+            service = await self.api.replace_spec(RAYSERVICES, service, desired["spec"], want)
             self.emit(body, "Normal", "Updated", f"RayService {meta['name']} updated")
         return service.get("status")
 
@@ -268,13 +267,9 @@ class Reconciler:
         before, after = previous.get("phase"), status["phase"]
         if before != after:
             failed = after == "Failed"
-            reason = (
-                next((c["reason"] for c in status["conditions"] if c["type"] == "Failed"), after)
-                if failed
-                else after
-            )
+            reason = condition(status, "Failed").get("reason", after) if failed else after
             message = (
-                next((c["message"] for c in status["conditions"] if c["type"] == "Failed"), "")
+                condition(status, "Failed").get("message", "")
                 if failed
                 else f"{body['kind']} is {after}"
             )

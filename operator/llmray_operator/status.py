@@ -76,7 +76,8 @@ def finetunejob_status(
     if invalid is not None:
         verdict = Verdict("Failed", "InvalidSpec", invalid)
     elif prev_phase in TERMINAL:
-        verdict = Verdict(prev_phase, _reason(previous, prev_phase), _message(previous, prev_phase))
+        kept = condition(previous, prev_phase)
+        verdict = Verdict(prev_phase, kept.get("reason") or prev_phase, kept.get("message") or "")
     else:
         verdict = rayjob_verdict(ray_status)
     out: dict[str, Any] = {
@@ -106,7 +107,7 @@ def finetunejob_status(
     out["conditions"] = conditions(
         previous.get("conditions") or [],
         [
-            ("Running", running, verdict.reason if running else _not(verdict), verdict.message),
+            ("Running", running, verdict.reason, verdict.message),
             ("Succeeded", verdict.phase == "Succeeded", verdict.reason, verdict.message),
             ("Failed", verdict.phase == "Failed", verdict.reason, verdict.message),
         ],
@@ -119,22 +120,9 @@ def finetunejob_status(
 _PROGRESS_KEYS = ("epoch", "step", "totalSteps", "trainLoss", "evalLoss", "tokensPerSecond")
 
 
-def _not(verdict: Verdict) -> str:
-    return verdict.reason if verdict.phase != "Running" else "Running"
-
-
-def _reason(status: dict[str, Any], type_: str) -> str:
-    for c in status.get("conditions") or []:
-        if c.get("type") == type_:
-            return c.get("reason") or type_
-    return type_
-
-
-def _message(status: dict[str, Any], type_: str) -> str:
-    for c in status.get("conditions") or []:
-        if c.get("type") == type_:
-            return c.get("message") or ""
-    return ""
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    """The condition of `type_` in a status, or {}."""
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
 
 
 # --- LLMDeployment <- RayService (or the referenced FineTuneJob) ------------------------
