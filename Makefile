@@ -82,21 +82,23 @@ clean: ## remove the venv, demo model and local run state of the demo
 
 # Container images (Docker with BuildKit; the context is the repository root, see
 # .dockerignore). VARIANTS picks the trainer / server variants: cpu (tag VERSION), gpu
-# (VERSION-gpu, on Ray's -gpu image), intel (VERSION-intel: torch 2.8 + IPEX 2.8).
+# (VERSION-gpu, on Ray's -gpu image), intel (VERSION-intel: torch 2.8 + IPEX 2.8 on Xeons),
+# xpu (VERSION-xpu: torch 2.8 + IPEX 2.8 XPU builds and Intel's GPU runtime, for Intel GPUs).
 DOCKER ?= docker
 IMAGE_REPO ?= ghcr.io/llmray
 IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 RAY_VERSION ?= $(shell sed -n 's/^ray==//p' constraints.txt)
-VARIANTS ?= cpu gpu intel
+VARIANTS ?= cpu gpu intel xpu
 DOCKER_BUILD_ARGS ?=
 TRAINER_IMAGES := $(addprefix image-trainer-,$(VARIANTS))
 SERVER_IMAGES := $(addprefix image-server-,$(VARIANTS))
 .PHONY: images image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES)
-# cpu -> "", gpu -> "-gpu", intel -> "-intel"; only gpu builds on Ray's CUDA image.
+# cpu -> "", gpu -> "-gpu", intel -> "-intel", xpu -> "-xpu"; only gpu builds on Ray's CUDA
+# image (xpu brings Intel's GPU runtime itself, on Ray's CPU image).
 image_suffix = $(if $(filter cpu,$(1)),,-$(1))
 ray_base = rayproject/ray:$(RAY_VERSION)-py311-$(if $(filter gpu,$(1)),gpu,cpu)
 
-images: image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES) ## build the operator, trainer and server images (VARIANTS="cpu gpu intel")
+images: image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES) ## build the operator, trainer and server images (VARIANTS="cpu gpu intel xpu")
 
 image-operator:
 	$(DOCKER) build -f operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \

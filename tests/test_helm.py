@@ -31,7 +31,10 @@ VALUE_SETS = {
         "image": {"repository": "registry.example.com/llmray/operator", "tag": "1.2.3"},
         "imagePullSecrets": [{"name": "regcred"}],
         "trainerImages": {"cpu": "registry.example.com/trainer:1", "nvidia": "r/t:1-gpu"},
-        "serverImages": {"intel": "registry.example.com/server:1-intel"},
+        "serverImages": {
+            "intel": "registry.example.com/server:1-intel",
+            "xpu": "registry.example.com/server:1-xpu",
+        },
         "defaultStorageUri": "s3://ml-bucket/llmray",
         "rayAuthMode": "disabled",
         "head": {"cpu": "4", "memory": "16Gi"},
@@ -167,6 +170,8 @@ def test_values_reach_the_operator_settings(tmp_path):
     assert settings.trainer_images.cpu == "registry.example.com/trainer:1"
     assert settings.trainer_images.intel == "ghcr.io/llmray/trainer:0.1.0-intel"
     assert settings.server_images.intel == "registry.example.com/server:1-intel"
+    assert settings.server_images.xpu == "registry.example.com/server:1-xpu"
+    assert settings.trainer_images.xpu == "ghcr.io/llmray/trainer:0.1.0-xpu"
     assert settings.ray_auth_mode == "disabled"
     assert (settings.head_cpu, settings.head_memory) == ("4", "16Gi")
     assert settings.ttl_seconds_after_finished == 3600
@@ -181,6 +186,23 @@ def test_values_reach_the_operator_settings(tmp_path):
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
+def test_default_images_are_the_operators_defaults(tmp_path):
+    """Every image variant reaches the operator, with the tags the operator itself defaults to
+    (and `make images` builds): cpu, -gpu, -intel, -xpu."""
+    (deployment,) = by_kind(render({}, tmp_path), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = Settings.from_env(env)
+    defaults = Settings()
+    assert settings.trainer_images == defaults.trainer_images
+    assert settings.server_images == defaults.server_images
+    for kind in ("TRAINER", "SERVER"):
+        for suffix in ("", "_NVIDIA", "_INTEL", "_XPU"):
+            assert env[f"LLMRAY_{kind}_IMAGE{suffix}"], f"LLMRAY_{kind}_IMAGE{suffix}"
+    assert env["LLMRAY_TRAINER_IMAGE_XPU"] == "ghcr.io/llmray/trainer:0.1.0-xpu"
+    assert env["LLMRAY_SERVER_IMAGE_XPU"] == "ghcr.io/llmray/server:0.1.0-xpu"
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
@@ -189,6 +211,7 @@ def test_values_reach_the_operator_settings(tmp_path):
         (["--set", "metrics.port=metrics"], "/metrics/port"),
         (["--set", "rayAuthMode=off"], "rayAuthMode"),
         (["--set", "defaultStorageUri=/data/runs"], "defaultStorageUri"),
+        (["--set", "trainerImages.gpu=r/t:1"], "gpu"),  # the key is nvidia
     ],
 )
 def test_schema_rejects_typos_and_wrong_types(args, complaint):

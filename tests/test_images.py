@@ -5,6 +5,9 @@
 - each image runs as a non-root user and carries the OCI labels;
 - the trainer and server images build on Ray 2.60's Python 3.11 images, install torch by
   variant, pin everything through constraints.txt, and the trainer prebuilds DeepSpeed's ops;
+- their `xpu` variant (Intel GPUs) takes the XPU wheels from the XPU indexes and installs
+  Intel's GPU user-space runtime, pinned; the `intel` variant (Xeons) stays the CPU build;
+- `make images` builds every variant the Dockerfiles know;
 - the operator image installs `llmray[operator]` only (no torch, no ray), as uid 10001 with a
   passwd entry (kopf calls getpass.getuser()) and nothing to write outside /tmp;
 - .dockerignore keeps environments, models and tests out of the context, and lets in every
@@ -23,6 +26,10 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from llmray_operator.settings import Settings
 
 try:
     import tomllib
@@ -35,6 +42,9 @@ SERVER = REPO / "serve_image" / "Dockerfile"
 OPERATOR = REPO / "operator" / "Dockerfile"
 DOCKERFILES = [TRAINER, SERVER, OPERATOR]
 RAY_IMAGES = [TRAINER, SERVER]
+# The trainer / server image variants (VARIANT build argument, `make images`): CPU, CUDA,
+# Intel on Xeons (IPEX CPU build), Intel GPUs (XPU build).
+VARIANTS = ("cpu", "gpu", "intel", "xpu")
 OCI_LABELS = {
     "org.opencontainers.image.title",
     "org.opencontainers.image.description",
@@ -180,25 +190,29 @@ _PIP_OPTIONS_WITH_VALUE = {
 
 def pip_installs(stage: Stage) -> list[PipInstall]:
     """Every `pip install` in the stage's RUN instructions."""
+    return [p for ins in stage.all("RUN") for p in pip_installs_in(ins.value)]
+
+
+def pip_installs_in(text: str) -> list[PipInstall]:
+    """Every `pip install` in a piece of shell."""
     found = []
-    for ins in stage.all("RUN"):
-        for command in re.split(r";|&&|\|\||\n", ins.value):
-            match = re.search(r"\bpip3? install\b(.*)", command)
-            if not match:
-                continue
-            words = shlex.split(match[1])
-            options, requirements = [], []
-            taking_value = False
-            for word in words:
-                if taking_value:
-                    options.append(word)
-                    taking_value = False
-                elif word.startswith("-"):
-                    options.append(word)
-                    taking_value = word in _PIP_OPTIONS_WITH_VALUE
-                else:
-                    requirements.append(word)
-            found.append(PipInstall(command.strip(), options, requirements))
+    for command in re.split(r";|&&|\|\||\n", text):
+        match = re.search(r"\bpip3? install\b(.*)", command)
+        if not match:
+            continue
+        words = shlex.split(match[1])
+        options, requirements = [], []
+        taking_value = False
+        for word in words:
+            if taking_value:
+                options.append(word)
+                taking_value = False
+            elif word.startswith("-"):
+                options.append(word)
+                taking_value = word in _PIP_OPTIONS_WITH_VALUE
+            else:
+                requirements.append(word)
+        found.append(PipInstall(command.strip(), options, requirements))
     return found
 
 
@@ -344,15 +358,22 @@ def test_ray_images_install_torch_by_variant(path: Path) -> None:
         for p in pip_installs(dockerfile.final)
         if any(distribution(r) == "torch" for r in p.requirements)
     ]
-    # cpu (CPU wheel index), gpu (PyPI's default wheel), intel (torch 2.8 CPU wheel)
-    assert len(torch_installs) == 3, [p.command for p in torch_installs]
-    by_variant = {_variant(p): p for p in torch_installs}
-    assert by_variant.keys() == {"cpu", "gpu", "intel"}
+    # cpu (CPU wheel index), gpu (PyPI's default wheel), intel (torch 2.8 CPU wheel), xpu
+    # (torch 2.8 XPU wheel)
+    assert len(torch_installs) == 4, [p.command for p in torch_installs]
+    by_variant = {
+        variant: p
+        for variant, installs in _installs_by_variant(dockerfile.final).items()
+        for p in installs
+        if any(distribution(r) == "torch" for r in p.requirements)
+    }
+    assert by_variant.keys() == set(VARIANTS)
     cpu, gpu, intel = by_variant["cpu"], by_variant["gpu"], by_variant["intel"]
     assert cpu.constrained and _option(cpu, "--index-url") == "${TORCH_INDEX_URL}"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert gpu.constrained and _option(gpu, "--index-url") is None
     assert _option(intel, "--index-url") == "${TORCH_INDEX_URL}"
+    assert _option(by_variant["xpu"], "--index-url") == "${XPU_TORCH_INDEX_URL}"
     # constraints.txt pins the default torch; the Intel variant's versions match the ipex extra.
     assert _constraints()["torch"] == "2.13.0"
     ipex_extra = _pyproject()["project"]["optional-dependencies"]["ipex"]
@@ -365,6 +386,116 @@ def test_ray_images_install_torch_by_variant(path: Path) -> None:
     assert "grep -v '^torch==' /tmp/llmray-constraints.in" in run_text(dockerfile.final)
 
 
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_xpu_variant_takes_the_xpu_wheels_from_the_xpu_indexes(path: Path) -> None:
+    """Intel GPUs need torch's and IPEX's XPU builds (2.8.0+xpu, 2.8.10+xpu), exactly those,
+    from PyTorch's and Intel's XPU indexes."""
+    dockerfile = parse(path)
+    args = dockerfile.args(dockerfile.final)
+    xpu = _installs_by_variant(dockerfile.final)["xpu"]
+    requirements = {distribution(r): _substitute(r, args) for pip in xpu for r in pip.requirements}
+    expected = {"torch", "intel-extension-for-pytorch"}
+    if path == TRAINER:
+        expected.add("oneccl-bind-pt")  # oneCCL for the IPEX path (compute.ipex: true)
+    assert requirements.keys() == expected
+    assert requirements["torch"] == "torch==2.8.0+xpu"
+    assert requirements["intel-extension-for-pytorch"] == "intel-extension-for-pytorch==2.8.10+xpu"
+    if path == TRAINER:
+        assert requirements["oneccl-bind-pt"] == "oneccl_bind_pt==2.8.0+xpu"
+    # The XPU builds satisfy the ipex extra the llmray install below asks for.
+    for name, version in (
+        ("torch", args["XPU_TORCH_VERSION"]),
+        ("intel-extension-for-pytorch", args["XPU_IPEX_VERSION"]),
+    ):
+        ipex_extra = _pyproject()["project"]["optional-dependencies"]["ipex"]
+        (spec,) = [r for r in ipex_extra if distribution(r) == name]
+        assert Version(version) in SpecifierSet(spec.removeprefix(name)), (spec, version)
+    for pip in xpu:
+        assert pip.constrained, pip.command  # constraints.txt without its torch line
+        indexes = {
+            _substitute(_option(pip, o) or "", args) for o in ("--index-url", "--extra-index-url")
+        } - {""}
+        names = {distribution(r) for r in pip.requirements}
+        if "torch" in names:
+            assert indexes == {"https://download.pytorch.org/whl/xpu"}
+        else:
+            assert indexes == {"https://pytorch-extension.intel.com/release-whl/stable/xpu/us/"}
+    # The xpu variant installs llmray with the ipex extra (IPEX on Intel GPUs).
+    assert "ipex" in _extras_by_variant(run_text(dockerfile.final))["xpu"]
+
+
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_intel_variant_stays_the_cpu_build(path: Path) -> None:
+    """`intel` (Xeons, compute.ipex on cpu) takes CPU wheels only: nothing from an XPU index."""
+    dockerfile = parse(path)
+    args = dockerfile.args(dockerfile.final)
+    intel = _installs_by_variant(dockerfile.final)["intel"]
+    assert intel
+    for pip in intel:
+        text = _substitute(pip.command, args)
+        assert "xpu" not in text.lower(), pip.command
+        for option in ("--index-url", "--extra-index-url"):
+            value = _option(pip, option)
+            if value:
+                assert "/cpu" in _substitute(value, args), pip.command
+    assert args["INTEL_INDEX_URL"].endswith("/stable/cpu/us/")
+
+
+@pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
+def test_xpu_variant_installs_intels_gpu_runtime_pinned(path: Path) -> None:
+    """The Level Zero loader and Intel's Level Zero and OpenCL GPU drivers, pinned, from Intel's
+    graphics repository for the base image's Ubuntu (22.04, jammy), as root, xpu only."""
+    dockerfile = parse(path)
+    args = dockerfile.args(dockerfile.final)
+    (runtime,) = [i for i in dockerfile.final.all("RUN") if "libze1" in i.value]
+    assert re.match(r'if \[ "\$\{VARIANT\}" = xpu \]; then', runtime.value), runtime.value
+    packages = dict(
+        re.findall(r'"(libze1|libze-intel-gpu1|intel-opencl-icd)=([^"]+)"', runtime.value)
+    )
+    assert packages.keys() == {"libze1", "libze-intel-gpu1", "intel-opencl-icd"}
+    versions = {name: _substitute(v, args) for name, v in packages.items()}
+    assert all(v and "$" not in v and v.endswith("~22.04") for v in versions.values()), versions
+    # The Level Zero and OpenCL drivers are one compute-runtime build.
+    assert versions["libze-intel-gpu1"] == versions["intel-opencl-icd"]
+    source = args["INTEL_GPU_APT_SOURCE"]
+    assert source.startswith("https://repositories.intel.com/gpu/ubuntu jammy "), source
+    assert args["INTEL_GPU_APT_KEY_URL"].startswith("https://repositories.intel.com/")
+    assert "signed-by=/usr/share/keyrings/intel-graphics.gpg" in runtime.value
+    assert "rm -rf /var/lib/apt/lists/*" in runtime.value
+    # apt runs as root; the image still ends as the Ray user (test_ray_images_environment).
+    users = [i for i in dockerfile.final.instructions if i.keyword == "USER"]
+    before = [u for u in users if u.line < runtime.line]
+    assert before and before[-1].value == "0"
+    # Only that RUN (xpu only) adds Intel's repository.
+    assert "${INTEL_GPU_APT_SOURCE}" in runtime.value
+    others = [i for i in dockerfile.final.all("RUN") if i is not runtime]
+    assert not any("INTEL_GPU" in i.value or "sources.list" in i.value for i in others)
+
+
+def test_make_images_builds_every_variant() -> None:
+    """`make images` builds each variant of the Dockerfiles, tagged as the operator expects
+    (-gpu, -intel, -xpu; cpu untagged), and only gpu on Ray's CUDA image."""
+    makefile = (REPO / "Makefile").read_text()
+    (variants,) = re.findall(r"^VARIANTS \?= (.*)$", makefile, flags=re.M)
+    assert variants.split() == list(VARIANTS)
+    for path in RAY_IMAGES:
+        dockerfile = parse(path)
+        blocks = _case_branches(run_text(dockerfile.final))
+        assert {v for v in blocks[0] if v != "*"} == set(VARIANTS), path
+    assert "image_suffix = $(if $(filter cpu,$(1)),,-$(1))" in makefile
+    assert "$(if $(filter gpu,$(1)),gpu,cpu)" in makefile
+    # The operator's default images are those tags (its `gpu` variant is called nvidia).
+    settings = Settings()
+    for variant, field_name in zip(VARIANTS, ("cpu", "nvidia", "intel", "xpu"), strict=True):
+        suffix = "" if variant == "cpu" else f"-{variant}"
+        for kind, images in (
+            ("trainer", settings.trainer_images),
+            ("server", settings.server_images),
+        ):
+            image = getattr(images, field_name)
+            assert re.fullmatch(rf"ghcr\.io/llmray/{kind}:[\w.]+{suffix}", image), image
+
+
 def test_trainer_installs_its_extras_and_prebuilt_deepspeed() -> None:
     stage = parse(TRAINER).final
     text = run_text(stage)
@@ -372,6 +503,7 @@ def test_trainer_installs_its_extras_and_prebuilt_deepspeed() -> None:
         "cpu": {"train", "cloud"},
         "gpu": {"train", "cloud", "gpu"},
         "intel": {"train", "cloud", "ipex"},
+        "xpu": {"train", "cloud", "ipex"},
     }
     (deepspeed,) = [
         p
@@ -397,6 +529,7 @@ def test_server_installs_its_extras_and_no_deepspeed_or_vllm() -> None:
         "cpu": {"serve", "cloud"},
         "gpu": {"serve", "cloud"},
         "intel": {"serve", "cloud", "ipex"},
+        "xpu": {"serve", "cloud", "ipex"},
     }
     names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
     assert names.isdisjoint({"deepspeed", "vllm"}), names
@@ -518,17 +651,35 @@ def _option(pip: PipInstall, name: str) -> str | None:
     return None
 
 
-def _variant(pip: PipInstall) -> str:
-    """The `case` branch a pip command is in: `... cpu) python -m pip install ...` -> cpu."""
-    branches = re.findall(r"(\w+)\)\s", pip.command.split("pip install")[0])
-    return branches[-1] if branches else ""
+def _case_branches(run: str) -> list[dict[str, str]]:
+    """Each `case "${VARIANT}" in a) ... ;; b | c) ... ;; *) ... ;; esac` as {variant: body}."""
+    blocks = []
+    for body in re.findall(r'case "\$\{VARIANT\}" in(.*?)\besac\b', run, flags=re.S):
+        branches = {}
+        for branch in body.split(";;"):
+            match = re.match(r"\s*([\w*]+(?:\s*\|\s*[\w*]+)*)\)(.*)", branch, flags=re.S)
+            if match:
+                for variant in re.split(r"\s*\|\s*", match[1]):
+                    branches[variant] = match[2]
+        blocks.append(branches)
+    return blocks
+
+
+def _installs_by_variant(stage: Stage) -> dict[str, list[PipInstall]]:
+    """The `pip install`s of each variant's branch of the torch `case` (the first one)."""
+    torch_block = _case_branches(run_text(stage))[0]
+    return {v: pip_installs_in(body) for v, body in torch_block.items() if v != "*"}
 
 
 def _extras_by_variant(run: str) -> dict[str, set[str]]:
     """`case "${VARIANT}" in gpu) extras=a,b ;; *) extras=a ;; esac` -> extras per variant."""
-    found = dict(re.findall(r"([\w*]+)\)\s*extras=([\w,]+)", run))
+    (found,) = [
+        {v: re.search(r"extras=([\w,]+)", body)[1] for v, body in block.items()}
+        for block in _case_branches(run)
+        if any("extras=" in body for body in block.values())
+    ]
     default = found.pop("*")
-    return {v: set(found.get(v, default).split(",")) for v in ("cpu", "gpu", "intel")}
+    return {v: set(found.get(v, default).split(",")) for v in VARIANTS}
 
 
 @cache

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from llmray.api import load_resource
-from llmray.api.validation import SpecError, parse_finetunejob
+from llmray.api.validation import SpecError, parse_finetunejob, parse_llmdeployment
 from llmray.serve_args import ServeArgs
 from llmray.trainer_config import TrainerConfig
 from llmray_operator import rayjob, rayservice
@@ -187,16 +187,61 @@ def test_rank0_memory_is_estimated_from_the_model_size_when_unset():
     ]
 
 
-def test_intel_gpu_gets_the_intel_image_device_resource_and_oneccl_env():
+def test_intel_gpu_gets_the_xpu_image_device_resource_and_oneccl_env():
     _, children = _finetune("intel-gpu-ipex-gptj")
-    group = children.ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    cluster = children.ray_job["spec"]["rayClusterSpec"]
+    group = cluster["workerGroupSpecs"][0]
     container = group["template"]["spec"]["containers"][0]
-    assert container["image"] == SETTINGS.trainer_images.intel
+    # The XPU build (torch / IPEX XPU wheels, Intel's GPU runtime), not the IPEX CPU image.
+    assert container["image"] == SETTINGS.trainer_images.xpu
+    assert container["image"].endswith("-xpu")
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
+        SETTINGS.trainer_images.xpu
+    )
     assert container["resources"]["limits"]["gpu.intel.com/i915"] == 1
     assert group["rayStartParams"] == {"num-gpus": "1"}  # KubeRay only detects nvidia.com/gpu
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DS_ACCELERATOR"] == "xpu"
     assert env["CCL_ZE_IPC_EXCHANGE"] == "sockets"
+
+
+def test_ipex_on_xeons_gets_the_intel_cpu_image_and_no_devices():
+    _, children = _finetune("cpu-xeon-ipex-zero2")
+    cluster = children.ray_job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == SETTINGS.trainer_images.intel
+        assert not any("gpu" in k for k in container["resources"].get("limits", {}))
+        assert "num-gpus" not in group["rayStartParams"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_serving_on_intel_gpus_gets_the_xpu_server_image_and_num_gpus():
+    dep = parse_llmdeployment(
+        {
+            "apiVersion": "llmray.io/v1alpha1",
+            "kind": "LLMDeployment",
+            "metadata": {"name": "gptj", "namespace": "ml"},
+            "spec": {
+                "model": {"uri": "s3://my-bucket/models/gptj"},
+                "engine": "transformers",
+                "compute": {
+                    "accelerator": "intel-gpu",
+                    "resourcesPerReplica": {"cpu": "8", "memory": "64Gi", "gpu": 1},
+                },
+            },
+        }
+    )
+    service = rayservice.build(dep, _owner(dep), dep.spec.model.uri, SETTINGS)
+    cluster = service["spec"]["rayClusterConfig"]
+    (replicas,) = cluster["workerGroupSpecs"]
+    container = replicas["template"]["spec"]["containers"][0]
+    assert container["image"] == SETTINGS.server_images.xpu
+    assert container["resources"]["limits"]["gpu.intel.com/i915"] == 1
+    assert replicas["rayStartParams"] == {"num-gpus": "1"}
+    head = cluster["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"] == SETTINGS.server_images.xpu
 
 
 def test_secrets_travel_by_reference_only():

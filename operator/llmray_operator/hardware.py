@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 
 from llmray_operator.settings import Images
 
+# Intel's GPU device plugin advertises each GPU on the i915 kernel driver as this resource.
+INTEL_GPU_RESOURCE = "gpu.intel.com/i915"
+
 
 @dataclass(frozen=True)
 class Profile:
-    variant: str  # image variant: cpu, nvidia or intel
+    variant: str  # image variant: cpu, nvidia, intel (IPEX on Xeons) or xpu (Intel GPUs)
     device_resource: str | None  # extended resource of one device, e.g. nvidia.com/gpu
     env: dict[str, str] = field(default_factory=dict)
 
@@ -21,16 +24,18 @@ class Profile:
 
     def ray_start_params(self, devices: int) -> dict[str, str]:
         """KubeRay derives num-gpus from nvidia.com/gpu only; Intel GPUs are declared here."""
-        return {"num-gpus": str(devices)} if devices and self.variant == "intel" else {}
+        intel_gpu = self.device_resource == INTEL_GPU_RESOURCE
+        return {"num-gpus": str(devices)} if devices and intel_gpu else {}
 
 
 def profile(accelerator: str, ipex: bool) -> Profile:
     if accelerator == "nvidia-gpu":
         return Profile("nvidia", "nvidia.com/gpu", {"DS_ACCELERATOR": "cuda"})
     if accelerator == "intel-gpu":
+        # The XPU image: torch / IPEX XPU builds and Intel's GPU user-space runtime.
         return Profile(
-            "intel",
-            "gpu.intel.com/i915",
+            "xpu",
+            INTEL_GPU_RESOURCE,
             {
                 "DS_ACCELERATOR": "xpu",
                 # oneCCL between Intel GPUs of different pods: IPC handles over sockets, one

@@ -14,13 +14,15 @@ DEFAULT_TAG = "0.1.0"
 
 
 class Images(BaseModel):
-    """One image per hardware variant: CPU, NVIDIA (CUDA) and Intel (IPEX, XPU)."""
+    """One image per hardware variant: CPU, NVIDIA (CUDA), Intel on Xeons (IPEX CPU build) and
+    Intel GPUs (XPU build with Intel's GPU runtime)."""
 
     model_config = ConfigDict(frozen=True)
 
     cpu: str
     nvidia: str
     intel: str
+    xpu: str
 
 
 class Settings(BaseModel):
@@ -30,11 +32,13 @@ class Settings(BaseModel):
         cpu=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}",
         nvidia=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}-gpu",
         intel=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}-intel",
+        xpu=f"{DEFAULT_IMAGE_REPO}/trainer:{DEFAULT_TAG}-xpu",
     )
     server_images: Images = Images(
         cpu=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}",
         nvidia=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}-gpu",
         intel=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}-intel",
+        xpu=f"{DEFAULT_IMAGE_REPO}/server:{DEFAULT_TAG}-xpu",
     )
     image_pull_policy: str = "IfNotPresent"
     ray_version: str = "2.60.0"
@@ -76,6 +80,7 @@ class Settings(BaseModel):
                 cpu=get(f"LLMRAY_{prefix}_IMAGE") or default.cpu,
                 nvidia=get(f"LLMRAY_{prefix}_IMAGE_NVIDIA") or default.nvidia,
                 intel=get(f"LLMRAY_{prefix}_IMAGE_INTEL") or default.intel,
+                xpu=get(f"LLMRAY_{prefix}_IMAGE_XPU") or default.xpu,
             )
         scalars = {
             "image_pull_policy": "LLMRAY_IMAGE_PULL_POLICY",
