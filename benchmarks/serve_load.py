@@ -196,7 +196,7 @@ def main() -> int:
             "",
             f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
             f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
-            "engine (batched waves); naive: FastAPI + one `generate` per request.",
+            "engine (continuous batching); naive: FastAPI + one `generate` per request.",
             "",
             "| concurrency | llmray tokens/s | naive tokens/s | llmray / naive "
             "| llmray p50 / p99 ms | naive p50 / p99 ms | llmray TTFT p50 ms (stream) |",

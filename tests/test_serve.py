@@ -134,6 +134,9 @@ def test_burst_gets_200_or_503_and_server_stays_healthy(server) -> None:
         try:
             done = small.completions.create(model="small", prompt=f"n{i}", max_tokens=16)
         except openai.APIStatusError as err:
+            # The engine's refusal, in OpenAI's shape (not Ray Serve's plain-text 503).
+            assert err.body["code"] == "overloaded" and err.body["type"] == "server_error"
+            assert err.response.headers["retry-after"] == "1"
             return err.status_code
         assert done.choices[0].finish_reason in ("stop", "length")
         return 200

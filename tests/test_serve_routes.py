@@ -24,6 +24,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.overloaded = False
+        self.broken = False
         self.closed_early = 0
         self.seen: list[tuple[str, SamplingParams]] = []
 
@@ -36,6 +37,8 @@ class FakeEngine:
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
         if self.overloaded:
             raise EngineOverloaded("2 requests ongoing, limit 2")
+        if self.broken:
+            raise RuntimeError("the device fell off the bus")
         self.seen.append((prompt, params))
         n_prompt, done = self.count_tokens(prompt), 0
         try:
@@ -203,6 +206,25 @@ async def test_over_capacity_is_503_at_once(engine) -> None:
         await client_for(engine).completions.create(model="tiny", prompt="a")
     assert err.value.status_code == 503
     assert err.value.body["code"] == "overloaded"
+
+
+async def test_over_capacity_says_when_to_retry(engine) -> None:
+    engine.overloaded = True
+    app = build_api(engine, IngressSettings(served_name="tiny"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as h:
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "a"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+async def test_an_engine_failure_is_a_500_in_openai_shape(engine) -> None:
+    engine.broken = True
+    app = build_api(engine, IngressSettings(served_name="tiny"))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://x") as h:
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "a"})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "the device fell off the bus" in r.json()["error"]["message"]
 
 
 async def test_health_needs_no_key(engine) -> None:

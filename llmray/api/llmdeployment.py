@@ -121,7 +121,8 @@ class LLMDeploymentSpec(Model):
     maxOngoingRequests: int = Field(
         default=16,
         ge=1,
-        description="Requests in flight per replica; beyond it requests queue, then get 503.",
+        description="Requests one replica holds at once (decoding together, or waiting for a "
+        "place in the batch); the next one gets 503 at once, with Retry-After.",
     )
     generation: Generation = Field(
         default_factory=Generation, description="Generation defaults and limits."

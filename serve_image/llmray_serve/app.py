@@ -7,9 +7,10 @@
           args: {name: gsm8k-7b, model_uri: s3://bucket/models/gsm8k-7b, served_name: ..., ...}
 
 Every replica loads the model into an engine and serves the OpenAI API of `ingress.py`.
-Capacity per replica: Ray Serve sends a replica at most `max_ongoing_requests` requests, queues
-up to as many more at its router, and answers 503 beyond that (at once, never an unbounded
-queue); the engine refuses anything past its own limit with an OpenAI-shaped 503 as a backstop.
+Capacity per replica: the engine holds `max_ongoing_requests` requests (decoding together, or
+waiting for a slot in the batch) and refuses the next at once with an OpenAI-shaped 503 and
+Retry-After. Ray Serve's own limits are set well above that, so that the engine's refusal is
+what clients see: Ray's router, when full, answers 503 with a plain-text body of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from llmray_serve.ingress import IngressSettings, build_api
 
 log = logging.getLogger(__name__)
 
+
+# Ray Serve's per-replica admission: this many times the engine's limit, at least the minimum.
+RAY_ADMISSION_FACTOR = 8
+RAY_ADMISSION_MIN = 256
 
 # What this replica serves. One replica per process, so module state is the replica's own.
 _REPLICA: dict[str, Any] = {}
@@ -120,8 +125,8 @@ class LLMServer:
         log.info("serving %s as %r", model_dir, args.served_name)
 
     def check_health(self) -> None:
-        if not self.engine._thread.is_alive():
-            raise RuntimeError("the generation thread died")
+        if not self.engine.healthy():
+            raise RuntimeError("the engine's generation loop stopped")
 
 
 def make_engine(args: ServeArgs, model_dir: Path) -> Any:
@@ -136,7 +141,11 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Any:
 
     device = {"nvidia-gpu": "cuda", "intel-gpu": "xpu"}.get(args.accelerator, "cpu")
     return TransformersEngine(
-        model_dir, device=device, ipex=args.ipex, max_ongoing=args.max_ongoing_requests
+        model_dir,
+        device=device,
+        ipex=args.ipex,
+        max_ongoing=args.max_ongoing_requests,
+        max_seq_tokens=args.max_prompt_tokens + args.max_new_tokens,
     )
 
 
@@ -159,10 +168,13 @@ def build_app(
             "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
         }
+    # Ray admits far more than the engine holds: the excess reaches the replica and gets the
+    # engine's OpenAI 503 within milliseconds (Ray's router would queue it or answer in text).
+    ray_limit = max(RAY_ADMISSION_MIN, RAY_ADMISSION_FACTOR * a.max_ongoing_requests)
     return LLMServer.options(
         num_replicas=None if autoscaling else a.min_replicas,
         autoscaling_config=autoscaling,
-        max_ongoing_requests=a.max_ongoing_requests,
-        max_queued_requests=a.max_ongoing_requests,
+        max_ongoing_requests=ray_limit,
+        max_queued_requests=ray_limit,
         ray_actor_options=actor_options,
     ).bind(a)

@@ -1,12 +1,15 @@
-"""The transformers engine: concurrent requests share batched forward passes (CPU or CUDA).
+"""The transformers engine: continuous batching on CPU or CUDA, with transformers' own manager.
 
-One generation thread runs waves: it takes every waiting request (up to `max_batch`), left-pads
-their prompts into one batch and runs a single `model.generate` for all of them. Per request:
-its own temperature / top_p (a per-row logits processor; temperature 0 is greedy), its own
-max_tokens, eos and stop strings (a per-row stopping criterion: a finished or cancelled row
-stops costing anything once every row of the wave is done), its own stream of text chunks.
-Requests that arrive during a wave join the next one (static batching per wave; continuous
-batching, joining between decode steps, is the vLLM engine's job on GPUs).
+transformers' `ContinuousBatchingManager` (the engine behind `transformers serve
+--continuous-batching`) runs one generation thread over a paged KV cache: a request joins the
+running batch between two decode steps and leaves it as soon as it is done, so concurrent
+requests share every forward pass and a short answer never waits for a long one. Prompts that
+share a prefix (a system prompt) share its cache blocks.
+
+This module adds what an OpenAI server needs on top: per-request temperature (0 is exact
+greedy) and top_p, stop strings, incremental UTF-8-safe text, cancellation when a client
+leaves, an in-flight limit (503 beyond it), and a KV cache sized from the deployment's limits
+rather than from the host's memory (on a pod, the host's memory is not the pod's).
 
     engine = TransformersEngine("models/tiny", max_ongoing=16)
     async for chunk in engine.generate("Hello", SamplingParams(16, 0.0, 1.0)): ...
@@ -15,12 +18,26 @@ batching, joining between decode steps, is the vLLM engine's job on GPUs).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import threading
+import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ContinuousBatchingConfig,
+    GenerationConfig,
+)
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingTemperatureLogitsWarper as _Temperature,
+)
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingTopPLogitsWarper as _TopP,
+)
 
 from llmray.chat import DEFAULT_CHAT_TEMPLATE
 from llmray_serve.engine import Chunk, EngineOverloaded, SamplingParams
@@ -31,21 +48,7 @@ IPEX_HELP = (
     "compute.ipex: true needs Intel Extension for PyTorch 2.8, which requires torch 2.8.* "
     "(see docs/ipex.md)"
 )
-
-
-@dataclass
-class _Request:
-    ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    done: bool = False
-
-    def emit(self, chunk: Chunk) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
 
 
 class TransformersEngine:
@@ -57,18 +60,21 @@ class TransformersEngine:
         ipex: bool = False,
         max_batch: int = 16,
         max_ongoing: int = 64,
+        max_seq_tokens: int = 2048 + 256,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
+        at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them."""
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa"
+        )
+        model = model.to(device).eval()
         if ipex:
             try:
                 import intel_extension_for_pytorch as ipex_mod  # type: ignore[import-not-found]
@@ -76,14 +82,15 @@ class TransformersEngine:
                 raise RuntimeError(f"{IPEX_HELP}; import failed: {exc}") from exc
             model = ipex_mod.optimize(model, dtype=dtype)
         self.model, self.device = model, device
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = _eos_ids(model, self.tokenizer)
         self.max_batch, self.max_ongoing = max_batch, max_ongoing
         self._ongoing = 0
-        self.waves = 0  # batched generate calls so far (requests per wave = sharing)
-        self._waiting: list[_Request] = []
-        self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="llmray-generate", daemon=True)
-        self._thread.start()
+        self._ids = itertools.count()
+        # Forward passes so far: with batching, far fewer than the tokens generated.
+        self.forward_passes = 0
+        model.register_forward_hook(self._count_forward)
+        self.manager = _start_manager(model, self.eos_ids, device, max_batch, max_seq_tokens)
+        self._warm_up()
 
     # --- the Engine interface ---
 
@@ -99,167 +106,175 @@ class TransformersEngine:
         if self._ongoing >= self.max_ongoing:
             raise EngineOverloaded(f"{self._ongoing} requests ongoing, limit {self.max_ongoing}")
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        request = _Request(ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        request_id = f"llmray-{next(self._ids)}"
+        if params.seed is not None and self._ongoing == 0:
+            torch.manual_seed(params.seed)  # reproducible for a request alone in the engine
         self._ongoing += 1
+        finished = False
         try:
-            with self._wake:
-                self._waiting.append(request)
-                self._wake.notify()
+            self.manager.register_result_handler(request_id, outputs.put_nowait)
+            self.manager.add_request(
+                ids,
+                request_id=request_id,
+                max_new_tokens=params.max_tokens,
+                streaming=True,
+                eos_token_id=self.eos_ids,
+                temperature=float(max(params.temperature, 0.0)),
+                top_p=float(params.top_p) if params.temperature > 0 else 1.0,
+            )
+            text = ""
             while True:
-                chunk = await request.queue.get()
-                yield chunk
+                out = await outputs.get()
+                if out.error:
+                    finished = True
+                    raise RuntimeError(f"generation failed: {out.error}")
+                tokens = [t for t in out.generated_tokens if t not in self.eos_ids]
+                chunk, text = self._next_chunk(out, tokens, len(ids), text, params)
                 if chunk.finish_reason:
+                    finished = out.is_finished()
+                    yield chunk
                     return
+                if chunk.text:
+                    yield chunk
         finally:
-            request.cancelled.set()  # a client that left: its row stops in the running wave
+            if not finished:  # a client that left, or a stop string: free its batch slot now
+                self._cancel(request_id)
             self._ongoing -= 1
 
-    # --- the generation thread ---
+    def healthy(self) -> bool:
+        return self.manager.is_running()
 
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting:
-                    self._wake.wait()
-                wave = [r for r in self._waiting[: self.max_batch] if not r.cancelled.is_set()]
-                del self._waiting[: self.max_batch]
-            if wave:
-                self.waves += 1
-                try:
-                    self._generate_wave(wave)
-                except Exception as exc:  # one bad wave must not kill the replica
-                    log.exception("generation failed")
-                    for r in wave:
-                        if not r.done:
-                            r.done = True
-                            r.emit(
-                                Chunk(
-                                    f"[generation failed: {exc}]",
-                                    len(r.ids),
-                                    len(r.generated),
-                                    "stop",
-                                )
-                            )
+    # --- internals ---
 
-    def _generate_wave(self, wave: list[_Request]) -> None:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    def _next_chunk(
+        self, out: Any, tokens: list[int], prompt_tokens: int, sent: str, params: SamplingParams
+    ) -> tuple[Chunk, str]:
+        """The text added since `sent`, and the text sent so far after it.
 
-        batch = self.tokenizer.pad({"input_ids": [r.ids for r in wave]}, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        seeds = {r.params.seed for r in wave}
-        if len(wave) == 1 and None not in seeds:
-            torch.manual_seed(seeds.pop())  # reproducible for a request alone in its wave
-        config = GenerationConfig(
-            max_new_tokens=max(r.params.max_tokens for r in wave),
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_ids,
-        )
-        with torch.inference_mode():
-            self.model.generate(
-                **batch,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([_PerRowSampling(wave, self.device)]),
-                stopping_criteria=StoppingCriteriaList([_RowsDone(wave)]),
-                streamer=_WaveStreamer(self, wave),
-            )
-        for r in wave:  # e.g. every row ended on eos in the same step
-            if not r.done:
-                self._finish(r, "stop")
-
-    def _on_token(self, r: _Request, token: int) -> None:
-        if r.done:
-            return
-        if r.cancelled.is_set():
-            r.done = True
-            return
-        if token in self.eos_ids:
-            self._finish(r, "stop")
-            return
-        r.generated.append(token)
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            new = ""
-        else:
-            new, r.text = text[len(r.text) :], text
-        for stop in r.params.stop:
-            at = r.text.find(stop)
+        Never half a UTF-8 character; cut before a stop string; and while streaming, text that
+        may be the start of a stop string is held back until the next tokens decide.
+        """
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        done = out.is_finished()
+        for stop in params.stop:
+            at = text.find(stop)
             if at != -1:
-                new = new[: max(0, len(new) - (len(r.text) - at))]
-                self._finish(r, "stop", new)
-                return
-        if len(r.generated) >= r.params.max_tokens:
-            self._finish(r, "length", new)
-        elif new:
-            r.emit(Chunk(new, len(r.ids), len(r.generated)))
+                text = text[: max(at, len(sent))]
+                return Chunk(text[len(sent) :], prompt_tokens, len(tokens), "stop"), text
+        if not done:
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                return Chunk("", prompt_tokens, len(tokens)), sent
+            keep = len(text) - _stop_prefix_len(text, params.stop)
+            text = text[: max(keep, len(sent))]
+            return Chunk(text[len(sent) :], prompt_tokens, len(tokens)), text
+        hit_eos = bool(out.generated_tokens) and out.generated_tokens[-1] in self.eos_ids
+        reason = "length" if len(tokens) >= params.max_tokens and not hit_eos else "stop"
+        return Chunk(text[len(sent) :], prompt_tokens, len(tokens), reason), text
 
-    def _finish(self, r: _Request, reason: str, text: str = "") -> None:
-        r.done = True
-        r.emit(Chunk(text, len(r.ids), len(r.generated), reason))
+    def _cancel(self, request_id: str) -> None:
+        self.manager.cancel_request(request_id)
+        # A cancelled request gets no final output, so its handler would stay registered: drop
+        # it (a token already in flight then lands in the unread shared queue; drain that too).
+        router = self.manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+        while not router.output_queue.empty():
+            router.output_queue.get_nowait()
 
-
-class _WaveStreamer:
-    """transformers streamer: each `put` is the next token of every row of the wave."""
-
-    def __init__(self, engine: TransformersEngine, wave: list[_Request]) -> None:
-        self.engine, self.wave, self.prompt_seen = engine, wave, False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate first puts the prompt ids
-            self.prompt_seen = True
-            return
-        for r, token in zip(self.wave, value.reshape(-1).tolist(), strict=True):
-            self.engine._on_token(r, token)
-
-    def end(self) -> None:
-        pass
-
-
-class _RowsDone:
-    """Stopping criterion: a row is done once finished or cancelled (all done: wave ends)."""
-
-    def __init__(self, wave: list[_Request]) -> None:
-        self.wave = wave
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.tensor(
-            [r.done or r.cancelled.is_set() for r in self.wave], device=input_ids.device
+    def _warm_up(self) -> None:
+        """One token through the whole path: the first request must not pay for setup."""
+        request_id = self.manager.add_request(
+            [self.eos_ids[0] if self.eos_ids else 0], max_new_tokens=1, temperature=0.0, top_p=1.0
         )
+        while (out := self.manager.get_result(request_id, timeout=60)) is not None:
+            if out.is_finished():
+                return
+        raise RuntimeError("the generation loop did not answer its warm-up request")
+
+    def _count_forward(self, *_: Any) -> None:
+        self.forward_passes += 1
 
 
-class _PerRowSampling:
-    """Per-request temperature and top_p on one batch; temperature 0 keeps only the argmax."""
+def _start_manager(
+    model: Any, eos_ids: list[int], device: str, max_batch: int, max_seq_tokens: int
+) -> Any:
+    # Sampling on, with a non-default temperature and top_p: only then does transformers create
+    # the per-request temperature and top_p processors (the values here are never used: every
+    # request brings its own).
+    generation = GenerationConfig(
+        do_sample=True,
+        temperature=0.5,
+        top_p=0.5,
+        top_k=0,
+        eos_token_id=eos_ids,
+        pad_token_id=eos_ids[0] if eos_ids else 0,
+    )
+    if device == "cpu":
+        # transformers sizes the cache from a share of the host's memory, which on a pod is the
+        # node's, not the pod's limit: size it from the deployment's limits instead.
+        blocks = max_batch * (math.ceil(max_seq_tokens / PAGE_TOKENS) + 1)
+        config = ContinuousBatchingConfig(
+            page_size=PAGE_TOKENS,
+            num_blocks=blocks,
+            max_batch_tokens=1024,
+            max_requests_per_batch=max_batch,
+            per_request_processors=True,
+        )
+    else:
+        config = ContinuousBatchingConfig(
+            page_size=PAGE_TOKENS, max_requests_per_batch=max_batch, per_request_processors=True
+        )
+    manager = model.init_continuous_batching(
+        generation_config=generation, continuous_batching_config=config
+    )
+    _exact_greedy_and_cheap_top_p(manager)
+    manager.start()
+    return manager
 
-    def __init__(self, wave: list[_Request], device: str) -> None:
-        import torch
 
-        self.temps = torch.tensor([r.params.temperature for r in wave], device=device)
-        self.top_ps = torch.tensor([r.params.top_p for r in wave], device=device)
+def _exact_greedy_and_cheap_top_p(manager: Any) -> None:
+    """Swap transformers' per-request temperature and top_p processors for ones where
+    temperature 0 means greedy (argmax, exactly) and top_p 1 skips the vocabulary sort."""
+    processors = manager.logit_processor.logits_processor
+    swapped = 0
+    for p in processors:
+        for base, ours in ((_Temperature, _GreedyAtZero), (_TopP, _TopPUnlessOne)):
+            if type(p) is base:
+                p.__class__ = ours  # same state, our __call__
+                swapped += 1
+    if swapped != 2:  # a transformers upgrade changed its processors: fail loudly, not subtly
+        raise RuntimeError(f"expected transformers' temperature and top_p processors: {processors}")
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
 
-        scores = scores.float()
-        greedy = self.temps <= 0
+class _GreedyAtZero(_Temperature):
+    """Temperature per row; a row at temperature 0 keeps only its argmax (sampling it is exact)."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        temps = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+        greedy = (temps <= 0).unsqueeze(-1)
         best = scores.argmax(dim=-1, keepdim=True)
         onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-        if bool(greedy.all()):  # the common greedy wave: no scaling, no vocabulary sort
+        if bool(greedy.all()):  # the common all-greedy batch: no scaling at all
             return onehot
-        scaled = scores / self.temps.clamp(min=1e-5).unsqueeze(1)
-        if bool((self.top_ps < 1).any()):
-            ordered, index = scaled.sort(dim=-1, descending=True)
-            probs = ordered.softmax(dim=-1)
-            # Drop tokens once the mass before them reaches top_p (the first always stays).
-            drop = (probs.cumsum(dim=-1) - probs) >= self.top_ps.unsqueeze(1)
-            ordered = ordered.masked_fill(drop, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(1, index, ordered)
-        return torch.where(greedy.unsqueeze(1), onehot, scaled)
+        return torch.where(greedy, onehot, scores / temps.clamp(min=1e-5).unsqueeze(-1))
+
+
+class _TopPUnlessOne(_TopP):
+    """top_p per row, skipping the vocabulary sort when no row of the batch needs it."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if bool((tensor_arg[: scores.size(0)].view(dtype=torch.float32) >= 1).all()):
+            return scores
+        return super().__call__(scores, tensor_arg)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that a stop string starts with."""
+    return max(
+        (n for stop in stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
+        default=0,
+    )
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -271,8 +286,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _fast_bf16(device: str) -> bool:
-    import torch
-
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmray_serve.engine import Chunk, Engine, EngineOverloaded, SamplingParams, Usage
 from llmray_serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,11 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.body = status, error_body(message, type_, param=param, code=code)
+        self.headers = headers
 
 
 def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None = None) -> FastAPI:
@@ -89,7 +94,13 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body, status_code=exc.status)
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _failed(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        body = error_body(f"the server failed to answer: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,6 +222,7 @@ async def respond(
             f"the server is at capacity, retry later ({exc})",
             "server_error",
             code="overloaded",
+            headers={"Retry-After": "1"},
         ) from exc
     except StopAsyncIteration:
         first = Chunk("", tokens, 0, "stop")

@@ -66,7 +66,9 @@ def start(args: ServeArgs, port: int, host: str = "127.0.0.1") -> str:
 
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
-    env = {}
+    # Local replicas reserve no CPU (num_cpus 0), and Ray then starts them with
+    # OMP_NUM_THREADS=1: torch would use one core of the machine. Give them all of them.
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)}
     if args.api_key_env:  # replicas inherit Ray's environment, not this shell's
         env[args.api_key_env] = os.environ.get(args.api_key_env, "")
     serve.run(build_app(args, env=env), name=args.name, route_prefix="/", blocking=False)
