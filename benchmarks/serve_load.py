@@ -1,15 +1,18 @@
-"""Serving load: llmray's Ray Serve app vs a naive server (one HF `generate` per request).
+"""Serving load: llmray's Ray Serve app vs a naive server and `transformers serve`.
 
 For each concurrency level, `--requests` chat completions (greedy, `--max-tokens` each) are sent
 by that many client threads with the official `openai` client; reported: generated tokens/s,
 p50 / p99 latency, p50 time to first token (streamed requests), and the p50 latency of a
-one-token completion (HTTP + Ray Serve overhead on top of one forward pass).
+one-token completion with the part of it spent outside llmray's replica (HTTP + Ray Serve's
+proxy and router: the client's latency minus the replica's `openai-processing-ms`).
 
     python benchmarks/serve_load.py                       # tiny model, updates BENCHMARKS.md
     python benchmarks/serve_load.py --model models/smollm2-135m-instruct --no-write
 
 The naive baseline is FastAPI + uvicorn in one process, a lock around `model.generate`: what a
-hand-rolled server does, and what the 2x goal is measured against.
+hand-rolled server does, and what the 2x goal is measured against. The second baseline is
+`transformers serve --continuous-batching` (transformers' own OpenAI server, one process, the
+same continuous batching manager llmray's engine uses, without Ray).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import concurrent.futures
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -87,6 +91,57 @@ def naive_server(model_dir: Path, port: int) -> None:
         kwargs={"host": "127.0.0.1", "port": port, "log_level": "warning"},
         daemon=True,
     ).start()
+
+
+def transformers_serve(model_dir: Path, port: int) -> subprocess.Popen:
+    """`transformers serve` pinned to the model (requests must name it by its path)."""
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("transformers")),
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--continuous-batching",
+            "--cb-num-blocks",
+            "160",  # the KV cache llmray's engine has here: 16 requests of 2304 tokens
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("transformers serve did not start")
+
+
+def one_token(base_url: str, model: str, n: int = 20) -> tuple[float, float | None]:
+    """p50 latency of a one-token chat completion, and p50 of the server's own time for it."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    latencies, inside = [], []
+    for _ in range(n + 1):
+        start = time.perf_counter()
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=1, temperature=0
+        )
+        latencies.append(time.perf_counter() - start)
+        if "openai-processing-ms" in raw.headers:
+            inside.append(float(raw.headers["openai-processing-ms"]) / 1e3)
+    latencies, inside = latencies[1:], inside[1:]  # the first one warms up
+    return statistics.median(latencies), statistics.median(inside) if inside else None
 
 
 def load(
@@ -174,38 +229,50 @@ def main() -> int:
     naive_port = free_port()
     naive_server(model_dir, naive_port)
     naive_url = f"http://127.0.0.1:{naive_port}/v1"
+    ts_port = free_port()
+    ts = transformers_serve(model_dir, ts_port)
+    ts_url, ts_model = f"http://127.0.0.1:{ts_port}/v1", str(model_dir)
     time.sleep(3)
 
     rows = []
     for c in levels:
         ours = load(llmray_url, "m", c, args.requests, args.max_tokens)
         base = load(naive_url, "m", c, args.requests, args.max_tokens)
+        hf = load(ts_url, ts_model, c, args.requests, args.max_tokens)
         streamed = load(llmray_url, "m", c, max(c, args.requests // 2), args.max_tokens, True)
         rows.append(
             f"| {c} | {ours['tokens_per_s']:.0f} | {base['tokens_per_s']:.0f} | "
+            f"{hf['tokens_per_s']:.0f} | "
             f"{ours['tokens_per_s'] / base['tokens_per_s']:.1f}x | "
             f"{ours['p50_s'] * 1000:.0f} / {ours['p99_s'] * 1000:.0f} | "
             f"{base['p50_s'] * 1000:.0f} / {base['p99_s'] * 1000:.0f} | "
+            f"{hf['p50_s'] * 1000:.0f} / {hf['p99_s'] * 1000:.0f} | "
             f"{streamed['ttft_p50_s'] * 1000:.0f} |"
         )
-    one_token = load(llmray_url, "m", 1, 20, 1)
-    naive_one = load(naive_url, "m", 1, 20, 1)
+    ours_one, inside_one = one_token(llmray_url, "m")
+    naive_one, _ = one_token(naive_url, "m")
+    hf_one, _ = one_token(ts_url, ts_model)
+    ts.terminate()
+    overhead = ours_one - (inside_one or 0.0)
     report = "\n".join(
         [
             f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
             "",
             f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
             f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
-            "engine (continuous batching); naive: FastAPI + one `generate` per request.",
+            "engine (continuous batching); naive: FastAPI + one `generate` per request; "
+            "transformers serve: `--continuous-batching`, one process, no Ray.",
             "",
-            "| concurrency | llmray tokens/s | naive tokens/s | llmray / naive "
-            "| llmray p50 / p99 ms | naive p50 / p99 ms | llmray TTFT p50 ms (stream) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| concurrency | llmray tokens/s | naive tokens/s | transformers serve tokens/s "
+            "| llmray / naive | llmray p50 / p99 ms | naive p50 / p99 ms "
+            "| transformers serve p50 / p99 ms | llmray TTFT p50 ms (stream) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            f"One-token completion, p50: llmray {one_token['p50_s'] * 1000:.0f} ms, naive "
-            f"{naive_one['p50_s'] * 1000:.0f} ms (same forward pass; the difference is Ray Serve's "
-            "proxy + router hop and the engine's thread hand-off).",
+            f"One-token completion, p50: llmray {ours_one * 1000:.0f} ms, of which "
+            f"{overhead * 1000:.1f} ms outside the replica (HTTP + Ray Serve proxy and router: "
+            "the client's latency minus the replica's `openai-processing-ms`); naive "
+            f"{naive_one * 1000:.0f} ms, transformers serve {hf_one * 1000:.0f} ms.",
         ]
     )
     print(report)

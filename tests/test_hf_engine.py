@@ -18,7 +18,10 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, top_p=1.0)
 def engine(tiny_model):
     from llmray_serve.hf_engine import TransformersEngine
 
-    return TransformersEngine(tiny_model, max_batch=8, max_ongoing=10)
+    engine = TransformersEngine(tiny_model, max_batch=8, max_ongoing=10)
+    yield engine
+    engine.close()
+    assert not engine.healthy()
 
 
 async def test_greedy_is_deterministic_and_counts_tokens(engine) -> None:

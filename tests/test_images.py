@@ -519,10 +519,10 @@ def test_trainer_installs_its_extras_and_prebuilt_deepspeed() -> None:
     assert "CC=/tmp/ds-cc/g++ CXX=/tmp/ds-cc/g++" in text
     names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
     assert {"torch", "intel-extension-for-pytorch", "oneccl-bind-pt", "deepspeed"} <= names
-    assert "vllm" not in names
+    assert "vllm" not in names  # vLLM is the server's (gpu variant), never the trainer's
 
 
-def test_server_installs_its_extras_and_no_deepspeed_or_vllm() -> None:
+def test_server_installs_its_extras_vllm_on_gpu_only_and_no_deepspeed() -> None:
     stage = parse(SERVER).final
     text = run_text(stage)
     assert _extras_by_variant(text) == {
@@ -531,9 +531,17 @@ def test_server_installs_its_extras_and_no_deepspeed_or_vllm() -> None:
         "intel": {"serve", "cloud", "ipex"},
         "xpu": {"serve", "cloud", "ipex"},
     }
-    names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
-    assert names.isdisjoint({"deepspeed", "vllm"}), names
-    assert "DS_BUILD" not in text
+    installs = pip_installs(stage)
+    names = {distribution(r) for p in installs for r in p.requirements}
+    assert "deepspeed" not in names and "DS_BUILD" not in text
+    (vllm,) = [p for p in installs if any(distribution(r) == "vllm" for r in p.requirements)]
+    assert "vllm==${VLLM_VERSION}" in vllm.requirements
+    assert parse(SERVER).args(stage)["VLLM_VERSION"] == "0.32.0"
+    gpu_branch = text[text.index("gpu)") : text.index("intel)")]
+    assert "vllm==${VLLM_VERSION}" in gpu_branch  # the gpu variant's, no other's
+    # vLLM's torch pin is constraints.txt's torch (vLLM 0.32 pins torch==2.13.0).
+    assert "/tmp/torch-pin.txt" in vllm.options
+    assert "stack_constraints.py" in gpu_branch
     assert "EXPOSE 8000" in SERVER.read_text()
 
 
@@ -716,3 +724,23 @@ def _ignored(path: str, patterns: tuple[tuple[bool, re.Pattern[str]], ...]) -> b
         if any(regex.fullmatch(c) for c in candidates):
             ignored = not exception
     return ignored
+
+
+def test_stack_constraints_keep_what_vllm_installed_and_pin_the_rest() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "stack_constraints", REPO / "serve_image" / "stack_constraints.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ours = ["# pins", "fastapi==0.165.0", "Numpy==2.4.1", "boto3==1.40.0", "", "torch==2.13.0"]
+    theirs = {"fastapi": "0.136.3", "numpy": "2.3.5", "torch": "2.13.0", "vllm": "0.32.0"}
+    assert module.merged(ours, theirs) == [
+        "fastapi==0.136.3",
+        "numpy==2.3.5",
+        "torch==2.13.0",
+        "vllm==0.32.0",
+        "boto3==1.40.0",  # not installed yet: constraints.txt's pin
+    ]
+    assert module.name("Foo_Bar.baz[x]>=1; python_version<'4'") == "foo-bar-baz"

@@ -214,6 +214,7 @@ async def test_over_capacity_says_when_to_retry(engine) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as h:
         r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "a"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert float(r.headers["openai-processing-ms"]) >= 0
 
 
 async def test_an_engine_failure_is_a_500_in_openai_shape(engine) -> None:

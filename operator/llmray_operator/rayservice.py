@@ -17,7 +17,7 @@ import yaml
 
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.validation import FieldError, SpecError
-from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
+from llmray.serve_args import API_KEY_ENV, RAY_SERVE_ENV, ServeArgs, resolve_serve_args
 from llmray_operator import hardware, pods
 from llmray_operator.names import LLMDEPLOYMENT_LABEL, labels, pod_labels, ray_name
 from llmray_operator.owner import Owner
@@ -77,7 +77,12 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
     claims = pods.pvc_claims([model_uri])
     pvc_volumes, pvc_mounts = pods.pvc_volumes(claims)
     threads = max(1, int(args.num_cpus))
-    fixed = {**hw.env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    fixed = {
+        **hw.env,
+        **RAY_SERVE_ENV,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    }
     env = pods.env_list(fixed)
     if spec.apiKeySecretRef is not None:
         # The key reaches the replicas by reference; ServeArgs only names the variable.

@@ -130,13 +130,20 @@ class LLMServer:
 
 
 def make_engine(args: ServeArgs, model_dir: Path) -> Any:
-    if args.engine == "vllm":
-        raise RuntimeError(
-            "spec.engine vllm: the vLLM engine is not available in this release; "
-            "use engine transformers (or auto)"
+    """The engine of spec.engine; `auto` is vLLM on NVIDIA GPUs where installed, else
+    transformers."""
+    from llmray_serve.vllm_engine import engine_kind
+
+    max_seq_tokens = args.max_prompt_tokens + args.max_new_tokens
+    if engine_kind(args.engine, args.accelerator) == "vllm":
+        from llmray_serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_dir,
+            num_gpus=int(args.num_gpus),
+            max_ongoing=args.max_ongoing_requests,
+            max_seq_tokens=max_seq_tokens,
         )
-    # engine auto: transformers everywhere until the vLLM engine lands (then: vLLM on
-    # nvidia-gpu when importable).
     from llmray_serve.hf_engine import TransformersEngine
 
     device = {"nvidia-gpu": "cuda", "intel-gpu": "xpu"}.get(args.accelerator, "cpu")
@@ -145,7 +152,7 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Any:
         device=device,
         ipex=args.ipex,
         max_ongoing=args.max_ongoing_requests,
-        max_seq_tokens=args.max_prompt_tokens + args.max_new_tokens,
+        max_seq_tokens=max_seq_tokens,
     )
 
 

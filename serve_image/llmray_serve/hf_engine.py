@@ -21,17 +21,13 @@ import asyncio
 import itertools
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    ContinuousBatchingConfig,
-    GenerationConfig,
-)
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTemperatureLogitsWarper as _Temperature,
 )
@@ -39,8 +35,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopPLogitsWarper as _TopP,
 )
 
-from llmray.chat import DEFAULT_CHAT_TEMPLATE
 from llmray_serve.engine import Chunk, EngineOverloaded, SamplingParams
+from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ IPEX_HELP = (
 PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
 
 
-class TransformersEngine:
+class TransformersEngine(TokenizerPrompts):
     def __init__(
         self,
         model_dir: str | Path,
@@ -65,11 +61,7 @@ class TransformersEngine:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them."""
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if not self.tokenizer.chat_template:
-            self.tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(model_dir)
         dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation="sdpa"
@@ -92,15 +84,7 @@ class TransformersEngine:
         self.manager = _start_manager(model, self.eos_ids, device, max_batch, max_seq_tokens)
         self._warm_up()
 
-    # --- the Engine interface ---
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+    # --- the Engine interface (count_tokens and render_chat: TokenizerPrompts) ---
 
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
         if self._ongoing >= self.max_ongoing:
@@ -144,6 +128,10 @@ class TransformersEngine:
 
     def healthy(self) -> bool:
         return self.manager.is_running()
+
+    def close(self) -> None:
+        """Stop the generation loop (requests still running are failed)."""
+        self.manager.stop(block=True, timeout=30, hard_stop=True)
 
     # --- internals ---
 
@@ -229,7 +217,11 @@ def _start_manager(
         generation_config=generation, continuous_batching_config=config
     )
     _exact_greedy_and_cheap_top_p(manager)
-    manager.start()
+    # transformers starts its generation thread as a non-daemon thread, which would keep the
+    # process from ever exiting; a thread is a daemon when the thread creating it is one.
+    starter = threading.Thread(target=manager.start, name="llmray-start", daemon=True)
+    starter.start()
+    starter.join()
     return manager
 
 

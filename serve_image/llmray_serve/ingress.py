@@ -88,8 +88,12 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable) -> Any:
+        started = time.perf_counter()
         response = await call_next(request)
         metrics.request_done(request.url.path, response.status_code)
+        # OpenAI's header: the time spent in this server (to the first byte when streaming);
+        # a client's latency minus this is the network and proxy overhead.
+        response.headers["openai-processing-ms"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
         return response
 
     @app.exception_handler(ApiError)

@@ -11,7 +11,7 @@ from pathlib import Path
 from llmray import paths
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.loader import load_resource
-from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
+from llmray.serve_args import API_KEY_ENV, RAY_SERVE_ENV, ServeArgs, resolve_serve_args
 
 log = logging.getLogger("llmray.serve")
 
@@ -64,6 +64,8 @@ def start(args: ServeArgs, port: int, host: str = "127.0.0.1") -> str:
     from llmray.localray import ensure_ray
     from llmray_serve.app import build_app
 
+    for name, value in RAY_SERVE_ENV.items():  # before Ray starts (a running one keeps its own)
+        os.environ.setdefault(name, value)
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     # Local replicas reserve no CPU (num_cpus 0), and Ray then starts them with
