@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -94,3 +95,28 @@ async def test_over_the_limit_is_refused_at_once(engine) -> None:
         await anext(engine.generate("x", GREEDY))
     for s in streams:
         await s.aclose()
+
+
+async def test_a_plain_request_gets_the_streamed_text_in_one_piece(engine) -> None:
+    prompt = "Tell me about Ray"
+    streamed = await collect(engine.generate(prompt, GREEDY))
+    chunks = [c async for c in engine.generate(prompt, replace(GREEDY, stream=False))]
+    assert len(chunks) == 1  # no per-token work for a request nobody streams
+    assert chunks[0].text == streamed.text
+    assert chunks[0].completion_tokens == streamed.usage.completion_tokens
+
+
+def test_text_is_decoded_incrementally_and_never_splits_a_character(tiny_model) -> None:
+    from llmray_serve.hf_engine import _Text
+    from llmray_serve.prompts import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    answer = "Zürich, 東京 and 🚀 launch: ça va!"
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    text, seen = _Text(tokenizer), []
+    for n in range(1, len(ids) + 1):
+        text.extend(ids[:n])
+        assert not text.text.endswith("\ufffd")
+        seen.append(text.send(len(text.text)))
+    seen.append(text.send(len(text.flush())))
+    assert "".join(seen) == tokenizer.decode(ids, skip_special_tokens=True)

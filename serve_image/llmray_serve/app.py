@@ -73,7 +73,7 @@ class RayServeMetrics:
         self.prompt = metrics.Counter("llmray_prompt_tokens", "Prompt tokens.")
         self.ttft = metrics.Histogram(
             "llmray_time_to_first_token_seconds",
-            "From request to the first generated text.",
+            "From request to the first generated text, of streamed requests.",
             boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
         )
 

@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stream: bool = True  # False: the caller reads only the whole answer (engines may batch it)
 
 
 @dataclass

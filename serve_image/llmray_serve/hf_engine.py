@@ -102,19 +102,21 @@ class TransformersEngine(TokenizerPrompts):
                 ids,
                 request_id=request_id,
                 max_new_tokens=params.max_tokens,
-                streaming=True,
+                # Token by token only where someone reads them: a stream, or stop strings to
+                # look for; a plain request gets its answer once (far less work per step).
+                streaming=params.stream or bool(params.stop),
                 eos_token_id=self.eos_ids,
                 temperature=float(max(params.temperature, 0.0)),
                 top_p=float(params.top_p) if params.temperature > 0 else 1.0,
             )
-            text = ""
+            text = _Text(self.tokenizer)
             while True:
                 out = await outputs.get()
                 if out.error:
                     finished = True
                     raise RuntimeError(f"generation failed: {out.error}")
-                tokens = [t for t in out.generated_tokens if t not in self.eos_ids]
-                chunk, text = self._next_chunk(out, tokens, len(ids), text, params)
+                text.extend([t for t in out.generated_tokens if t not in self.eos_ids])
+                chunk = self._next_chunk(out, text, len(ids), params)
                 if chunk.finish_reason:
                     finished = out.is_finished()
                     yield chunk
@@ -136,29 +138,22 @@ class TransformersEngine(TokenizerPrompts):
     # --- internals ---
 
     def _next_chunk(
-        self, out: Any, tokens: list[int], prompt_tokens: int, sent: str, params: SamplingParams
-    ) -> tuple[Chunk, str]:
-        """The text added since `sent`, and the text sent so far after it.
-
-        Never half a UTF-8 character; cut before a stop string; and while streaming, text that
-        may be the start of a stop string is held back until the next tokens decide.
-        """
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        done = out.is_finished()
+        self, out: Any, text: _Text, prompt_tokens: int, params: SamplingParams
+    ) -> Chunk:
+        """The text added since the last chunk: cut before a stop string, and while
+        streaming, text that may be the start of a stop string waits for the next tokens."""
+        done, tokens = out.is_finished(), len(text.ids)
+        full = text.text if not done else text.flush()
         for stop in params.stop:
-            at = text.find(stop)
+            at = full.find(stop)
             if at != -1:
-                text = text[: max(at, len(sent))]
-                return Chunk(text[len(sent) :], prompt_tokens, len(tokens), "stop"), text
+                return Chunk(text.send(max(at, text.sent)), prompt_tokens, tokens, "stop")
         if not done:
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                return Chunk("", prompt_tokens, len(tokens)), sent
-            keep = len(text) - _stop_prefix_len(text, params.stop)
-            text = text[: max(keep, len(sent))]
-            return Chunk(text[len(sent) :], prompt_tokens, len(tokens)), text
+            keep = len(full) - _stop_prefix_len(full, params.stop)
+            return Chunk(text.send(keep), prompt_tokens, tokens)
         hit_eos = bool(out.generated_tokens) and out.generated_tokens[-1] in self.eos_ids
-        reason = "length" if len(tokens) >= params.max_tokens and not hit_eos else "stop"
-        return Chunk(text[len(sent) :], prompt_tokens, len(tokens), reason), text
+        reason = "length" if tokens >= params.max_tokens and not hit_eos else "stop"
+        return Chunk(text.send(len(full)), prompt_tokens, tokens, reason)
 
     def _cancel(self, request_id: str) -> None:
         self.manager.cancel_request(request_id)
@@ -182,6 +177,42 @@ class TransformersEngine(TokenizerPrompts):
 
     def _count_forward(self, *_: Any) -> None:
         self.forward_passes += 1
+
+
+class _Text:
+    """A request's answer, decoded a few tokens at a time (not the whole answer per token),
+    never ending in half a UTF-8 character; `sent` counts the characters already sent."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.text, self.sent = tokenizer, [], "", 0
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text`
+
+    def extend(self, ids: list[int]) -> None:
+        """`ids`: the whole answer so far (the tokens past the known ones are new)."""
+        self.ids.extend(ids[len(self.ids) :])
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def flush(self) -> str:
+        """The final text, including a trailing partial character if the answer ended so."""
+        rest = self._decode(self.ids[self._prefix :])[
+            len(self._decode(self.ids[self._prefix : self._read])) :
+        ]
+        self.text += rest
+        self._prefix = self._read = len(self.ids)
+        return self.text
+
+    def send(self, upto: int) -> str:
+        """The text from `sent` to `upto` (nothing if `upto` is not past it)."""
+        new = self.text[self.sent : max(upto, self.sent)]
+        self.sent += len(new)
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _start_manager(

@@ -186,6 +186,7 @@ def sampling(settings: IngressSettings, body: Any) -> SamplingParams:
         top_p=settings.top_p if body.top_p is None else body.top_p,
         stop=tuple(body.stop or ()),
         seed=body.seed,
+        stream=bool(body.stream),
     )
 
 
@@ -230,7 +231,8 @@ async def respond(
         ) from exc
     except StopAsyncIteration:
         first = Chunk("", tokens, 0, "stop")
-    metrics.first_token(time.perf_counter() - started)
+    if body.stream:  # a plain request's first chunk is its whole answer
+        metrics.first_token(time.perf_counter() - started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
