@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import threading
 from collections.abc import AsyncIterator
@@ -37,8 +36,6 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 
 from llmray_serve.engine import Chunk, EngineOverloaded, SamplingParams
 from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 IPEX_HELP = (
     "compute.ipex: true needs Intel Extension for PyTorch 2.8, which requires torch 2.8.* "
@@ -60,7 +57,6 @@ class TransformersEngine(TokenizerPrompts):
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them."""
-
         self.tokenizer = load_tokenizer(model_dir)
         dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
