@@ -53,6 +53,9 @@ class _FakeEngine:
     async def abort(self, request_id):
         self.aborted.append(request_id)
 
+    def shutdown(self):
+        self.errored = True
+
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
@@ -103,6 +106,7 @@ async def test_deltas_reassemble_and_params_reach_vllm(fake_vllm, tiny_model) ->
     assert engine.engine.args == {
         "model": str(tiny_model),
         "tensor_parallel_size": 2,
+        "distributed_executor_backend": "mp",
         "max_model_len": 4096,
         "max_num_seqs": 8,
         "enable_prefix_caching": True,
@@ -146,3 +150,5 @@ async def test_over_the_limit_is_refused_at_once(fake_vllm, tiny_model) -> None:
         await anext(engine.generate("Hi", SamplingParams(16, 1.0, 1.0)))
     await first.aclose()
     assert engine.healthy()
+    engine.close()
+    assert not engine.healthy()

@@ -128,6 +128,11 @@ class LLMServer:
         if not self.engine.healthy():
             raise RuntimeError("the engine's generation loop stopped")
 
+    def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
 
 def make_engine(args: ServeArgs, model_dir: Path) -> Any:
     """The engine of spec.engine; `auto` is vLLM on NVIDIA GPUs where installed, else

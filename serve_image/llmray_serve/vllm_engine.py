@@ -46,6 +46,9 @@ class VLLMEngine(TokenizerPrompts):
             AsyncEngineArgs(
                 model=str(model_dir),
                 tensor_parallel_size=max(1, num_gpus),  # one replica spans its GPUs
+                # Those GPUs are already the replica actor's (one pod): vLLM's workers are
+                # its own processes, not Ray actors asking Ray for GPUs again.
+                distributed_executor_backend="mp",
                 max_model_len=max_seq_tokens,  # maxPromptTokens + maxNewTokens
                 max_num_seqs=max_ongoing,  # everything admitted decodes together
                 enable_prefix_caching=True,  # a shared system prompt is computed once
@@ -88,6 +91,9 @@ class VLLMEngine(TokenizerPrompts):
 
     def healthy(self) -> bool:
         return not self.engine.errored
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
 def vllm_available() -> bool:
