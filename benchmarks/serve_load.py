@@ -4,7 +4,7 @@ For each concurrency level, `--requests` chat completions (greedy, `--max-tokens
 by that many client threads with the official `openai` client; reported: generated tokens/s,
 p50 / p99 latency, p50 time to first token (streamed requests), and the p50 latency of a
 one-token completion with the part of it spent outside llmray's replica (HTTP + Ray Serve's
-proxy and router: the client's latency minus the replica's `openai-processing-ms`).
+HAProxy ingress: the client's latency minus the replica's `openai-processing-ms`).
 
     python benchmarks/serve_load.py                       # tiny model, updates BENCHMARKS.md
     python benchmarks/serve_load.py --model models/smollm2-135m-instruct --no-write
@@ -270,7 +270,7 @@ def main() -> int:
             *rows,
             "",
             f"One-token completion, p50: llmray {ours_one * 1000:.0f} ms, of which "
-            f"{overhead * 1000:.1f} ms outside the replica (HTTP + Ray Serve proxy and router: "
+            f"{overhead * 1000:.1f} ms outside the replica (HTTP + Ray Serve's HAProxy ingress: "
             "the client's latency minus the replica's `openai-processing-ms`); naive "
             f"{naive_one * 1000:.0f} ms, transformers serve {hf_one * 1000:.0f} ms.",
         ]

