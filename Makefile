@@ -36,10 +36,10 @@ demo: $(DEMO_MODEL)/config.json ## fine-tune SmolLM2-135M-Instruct with LoRA on 
 	$(BIN)/python examples/demo.py
 
 test: $(VENV)/.installed ## run the CPU test suite (unit + integration on real Ray)
-	$(BIN)/pytest -m "not e2e and not gpu and not ipex" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not e2e and not gpu and not ipex and not images" $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed ## unit tests only (seconds)
-	$(BIN)/pytest -m "not integration and not slow and not e2e and not gpu and not ipex" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration and not slow and not e2e and not gpu and not ipex and not images" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed ## ruff, formatting and import layering
 	$(BIN)/ruff check .
@@ -86,19 +86,19 @@ clean: ## remove the venv, demo model and local run state of the demo
 # xpu (VERSION-xpu: torch 2.8 + IPEX 2.8 XPU builds and Intel's GPU runtime, for Intel GPUs).
 DOCKER ?= docker
 IMAGE_REPO ?= ghcr.io/llmray
-IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' llmray/__init__.py)
 RAY_VERSION ?= $(shell sed -n 's/^ray==//p' constraints.txt)
 VARIANTS ?= cpu gpu intel xpu
 DOCKER_BUILD_ARGS ?=
 TRAINER_IMAGES := $(addprefix image-trainer-,$(VARIANTS))
 SERVER_IMAGES := $(addprefix image-server-,$(VARIANTS))
-.PHONY: images image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES)
+.PHONY: release-images image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES)
 # cpu -> "", gpu -> "-gpu", intel -> "-intel", xpu -> "-xpu"; only gpu builds on Ray's CUDA
 # image (xpu brings Intel's GPU runtime itself, on Ray's CPU image).
 image_suffix = $(if $(filter cpu,$(1)),,-$(1))
 ray_base = rayproject/ray:$(RAY_VERSION)-py311-$(if $(filter gpu,$(1)),gpu,cpu)
 
-images: image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES) ## build the operator, trainer and server images (VARIANTS="cpu gpu intel xpu")
+release-images: image-operator $(TRAINER_IMAGES) $(SERVER_IMAGES) ## docker: every image on Ray's and Python's images (VARIANTS="cpu gpu intel xpu")
 
 image-operator:
 	$(DOCKER) build -f operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
@@ -113,3 +113,27 @@ $(SERVER_IMAGES): image-server-%:
 	$(DOCKER) build -f serve_image/Dockerfile --build-arg VARIANT=$* \
 	  --build-arg BASE_IMAGE=$(call ray_base,$*) --build-arg VERSION=$(IMAGE_VERSION) \
 	  -t $(IMAGE_REPO)/server:$(IMAGE_VERSION)$(call image_suffix,$*) $(DOCKER_BUILD_ARGS) .
+
+# The images built and run on this machine (no registry but PyPI and Debian's, no Docker
+# engine): podman as root, stand-ins for the two base images (a test fixture, made with
+# debootstrap), the three CPU images on them tagged localhost/llmray/*, and smoke tests that
+# run them with the operator's real pod settings. tests/images/build.py has the details (the
+# machine's pip settings are passed into each build, never written into the repository).
+# The gpu / intel / xpu variants need Ray's CUDA image or PyTorch's and Intel's wheel indexes:
+# `make release-images` with Docker where those can be reached.
+.PHONY: podman-setup base-image images test-images
+podman-setup: ## podman, buildah, runc, debootstrap (apt, as root) and the containers.conf these machines need
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap
+	# The sandbox refuses podman's default RLIMIT_NPROC.
+	test -e /etc/containers/containers.conf || \
+	  printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
+
+base-image: $(VENV)/.installed ## stand-ins for rayproject/ray:*-py311-cpu and python:3.11-slim (podman)
+	$(BIN)/python -m tests.images.build base
+
+images: base-image ## the operator, trainer and server CPU images, built here with podman
+	$(BIN)/python -m tests.images.build images
+
+test-images: $(VENV)/.installed ## smoke tests of the images `make images` built
+	$(BIN)/pytest -m images $(PYTEST_ARGS)

@@ -26,14 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from tests.kube.emulator import emulated_cluster  # noqa: E402
+from tests.kube.operator_crds import CRDS, RAYJOBS  # noqa: E402
 
-CRDS = [
-    REPO / "crds" / "llmray.io_finetunejobs.yaml",
-    REPO / "crds" / "llmray.io_llmdeployments.yaml",
-    REPO / "third_party" / "kuberay-crds" / "ray.io_rayjobs.yaml",
-    REPO / "third_party" / "kuberay-crds" / "ray.io_rayservices.yaml",
-]
-RAYJOBS = "ray.io/v1/rayjobs"
 NS = "bench"
 
 
@@ -82,7 +76,7 @@ async def run(sequential: int, burst: int) -> dict:
                 [
                     sys.executable,
                     "-m",
-                    "llmray.cli",
+                    "llmray_cli",
                     "operator",
                     "--metrics-port",
                     "0",

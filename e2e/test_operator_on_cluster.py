@@ -39,7 +39,7 @@ def operator(kubectl, crds_installed, kuberay_crds, namespace, tmp_path):
         [
             sys.executable,
             "-m",
-            "llmray.cli",
+            "llmray_cli",
             "operator",
             "-n",
             namespace,

@@ -10,6 +10,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 
+from llmray import procs
 from llmray.serve_args import ray_serve_env
 
 
@@ -33,6 +34,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 def _start_local(num_cpus: int | None) -> None:
     import ray
+
+    # Ray's processes outlive a command killed with SIGKILL (HAProxy kept the serve port): a
+    # reaper ends them once this process is gone, however it ended.
+    procs.start_reaper()
 
     # Ray's ports listen on this machine's address, not only loopback: keep Ray 2.60's token
     # authentication (its default; one warning at start) so other hosts cannot submit work.

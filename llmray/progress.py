@@ -6,28 +6,27 @@ progress record on stdout, which lands in the RayJob's job logs (Ray dashboard
 
     llmray-progress {"epoch": 0, "step": 12, "totalSteps": 50, "trainLoss": 2.31, ...}
 
-The operator mirrors the last record into `FineTuneJob.status.progress`. Pure and
-dependency-free so the operator image can parse it without torch or ray.
+A record carries the fields of `FineTuneJob.status.progress` (the `Progress` model: its
+field names are the record's keys) plus `event` (step, checkpoint, resumed, preempted,
+exported, failed), `time` and, on some events, `checkpoint` / `model` URIs. The operator
+mirrors the last record into `status.progress` (and the latest checkpoint into
+`status.latestCheckpoint`). A `failed` record (the driver's last line when it stops on an
+error) carries the `message` the operator puts into the Failed condition. Pure and free of
+torch and ray so the operator image can parse it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
+from llmray.api.finetunejob import Progress
+
 PREFIX = "llmray-progress "
-# Keys of a record; the first six match FineTuneJob status.progress.
-KEYS = (
-    "epoch",
-    "step",
-    "totalSteps",
-    "trainLoss",
-    "evalLoss",
-    "tokensPerSecond",
-    "checkpoint",
-    "event",
-)
 
 
 def format_line(record: dict[str, Any]) -> str:
@@ -47,9 +46,44 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 
 def last_record(lines: Iterable[str]) -> dict[str, Any] | None:
-    last = None
+    """The last record, carrying the latest `checkpoint` of all of them (a later record, such
+    as `exported`, names none: the operator may read the log only after it)."""
+    last = checkpoint = None
     for line in lines:
         record = parse_line(line)
         if record is not None:
             last = record
+            checkpoint = record.get("checkpoint") or checkpoint
+    if last is not None and checkpoint and not last.get("checkpoint"):
+        last = {**last, "checkpoint": checkpoint}
     return last
+
+
+def failure_of(text: str) -> str | None:
+    """The message of the last `failed` record in `text`: a log, or a RayJob's status.message
+    (KubeRay puts the driver's last log lines there, after Ray's own "Job entrypoint command
+    failed with exit code 1, last available logs ..."), so the user reads the trainer's words,
+    not 20,000 characters of log."""
+    found = None
+    for line in text.splitlines():
+        record = parse_line(line)
+        if record is not None and record.get("event") == "failed" and record.get("message"):
+            found = str(record["message"])
+    return found
+
+
+def progress_of(record: Mapping[str, Any]) -> Progress:
+    """The `status.progress` fields of a record; only those it carries with a usable value
+    (a missing, null, mistyped or non-finite one is left unset, so the last known value stays:
+    progress is best effort and a NaN loss must not make the status unwritable)."""
+    fields = {
+        key: value
+        for key in Progress.model_fields
+        if (value := record.get(key)) is not None
+        and not (isinstance(value, float) and not math.isfinite(value))
+    }
+    try:
+        return Progress.model_validate(fields)
+    except ValidationError as exc:
+        bad = {str(error["loc"][0]) for error in exc.errors()}
+        return Progress.model_validate({k: v for k, v in fields.items() if k not in bad})

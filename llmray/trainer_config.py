@@ -8,9 +8,11 @@ them as environment variables by reference.
 
 from __future__ import annotations
 
+import posixpath
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmray.api.finetunejob import FineTuneJob, FineTuneJobSpec
+from llmray.api.finetunejob import FineTuneJob, FineTuneJobSpec, ModelRef
 
 # Ray node label that marks the node for world rank 0, e.g. llmray.io/rank0: "true". The
 # operator puts it on the rank-0 worker group's `labels:`; the trainer asks Ray Train to
@@ -71,3 +73,26 @@ def resolve_trainer_config(
         rank0_label=default_rank0_label(job) if rank0_label is None else rank0_label,
         progress_file=progress_file,
     )
+
+
+def adapter_output(spec: FineTuneJobSpec) -> bool:
+    """The job's output is the adapter alone: lora / qlora with output.mergeLora false."""
+    return spec.method in ("lora", "qlora") and not spec.output.mergeLora
+
+
+def base_model_uri(cfg: TrainerConfig) -> str:
+    """Where a server finds an adapter's base: the job's baseModel.uri, a relative path made
+    absolute against the job's folder (the trainer's own download of it is no place a server
+    can read). Pure: recorded in adapter_config.json and in status.model.baseModel alike."""
+    uri = cfg.spec.baseModel.uri
+    if "://" in uri or posixpath.isabs(uri):
+        return uri
+    return posixpath.normpath(posixpath.join(cfg.base_dir, uri))
+
+
+def produced_model(cfg: TrainerConfig) -> ModelRef:
+    """status.model of a job run with `cfg`, once it succeeded: where its model is and, for an
+    adapter, the model it applies to."""
+    if adapter_output(cfg.spec):
+        return ModelRef(uri=cfg.output_uri, adapter=True, baseModel=base_model_uri(cfg))
+    return ModelRef(uri=cfg.output_uri)

@@ -73,7 +73,9 @@ def is_remote(uri: str) -> bool:
 
 
 def pvc_root() -> Path:
-    return Path(os.environ.get("LLMRAY_PVC_ROOT") or DEFAULT_PVC_ROOT)
+    from llmray.paths import pod_path
+
+    return Path(os.environ.get("LLMRAY_PVC_ROOT") or pod_path(DEFAULT_PVC_ROOT))
 
 
 def local_path(uri: str, base_dir: Path, *, field: str = "") -> Path | None:

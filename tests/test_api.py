@@ -403,7 +403,74 @@ LLMDEPLOYMENT_RULE_CASES = [
     ({"spec.scaling": {"minReplicas": 2}}, "spec.scaling.minReplicas"),  # maxReplicas is 1
     ({"spec.scaling": {"minReplicas": 0, "maxReplicas": 4}}, None),
     ({"spec.scaling": {"minReplicas": 4, "maxReplicas": 4}}, None),
+    ({"spec.adapters": [{"name": "a", "uri": "s3://b/a"}, {"name": "b", "uri": "s3://b/b"}]}, None),
+    (
+        {"spec.adapters": [{"name": "a"}]},
+        "spec.adapters: each adapter sets exactly one of uri and fineTuneJobRef",
+    ),
+    (
+        {"spec.adapters": [{"name": "a", "uri": "s3://b/a"}, {"name": "a", "uri": "s3://b/b"}]},
+        "spec.adapters: adapter names must be unique",
+    ),
+    (
+        {"spec.adapters": [{"name": "a", "uri": "s3://b/a", "minEvaluation": {"answer": 0.3}}]},
+        "spec.adapters: minEvaluation is only allowed with fineTuneJobRef",
+    ),
+    (
+        {"spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]},  # metadata.name is demo
+        "spec.adapters: an adapter may not take the served model's name",
+    ),
+    (
+        {"spec.model.servedName": "base", "spec.adapters": [{"name": "base", "uri": "s3://b/a"}]},
+        "spec.adapters: an adapter may not take the served model's name",
+    ),
+    (
+        {"spec.model.servedName": "base", "spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]},
+        None,
+    ),
 ]
+
+DESIGN_ADAPTERS = """
+apiVersion: llmray.io/v1alpha1
+kind: LLMDeployment
+metadata: {name: llama-support, namespace: ml}
+spec:
+  model: {uri: hf://meta-llama/Llama-2-7b-hf}
+  adapters:
+    - {name: support-v3, fineTuneJobRef: {name: support-v3}, minEvaluation: {answer: 0.3}}
+    - {name: legal, uri: s3://bucket/adapters/legal}
+  maxLoadedAdapters: 8
+  maxAdapterRank: 64
+"""
+
+
+def test_design_adapters_parse() -> None:
+    dep = parse_llmdeployment(yaml.safe_load(DESIGN_ADAPTERS))
+    support, legal = dep.spec.adapters
+    assert support.fineTuneJobRef is not None and support.fineTuneJobRef.name == "support-v3"
+    assert support.minEvaluation == {"answer": 0.3} and legal.uri == "s3://bucket/adapters/legal"
+    assert (dep.spec.maxLoadedAdapters, dep.spec.maxAdapterRank) == (8, 64)
+    plain = parse_llmdeployment(LLMDEPLOYMENT).spec
+    assert (plain.adapters, plain.maxLoadedAdapters, plain.maxAdapterRank) == ([], None, 16)
+    status = FineTuneJob.model_validate(
+        {
+            **FINETUNEJOB,
+            "status": {
+                "model": {"uri": "s3://m", "adapter": True, "baseModel": "hf://meta-llama/x"}
+            },
+        }
+    ).status
+    assert status is not None and status.model.adapter and status.model.baseModel
+
+
+def test_adapter_errors_name_the_entry_field() -> None:
+    obj = patched(
+        LLMDEPLOYMENT,
+        {"spec.adapters": [{"name": "ok", "uri": "s3://b/a"}, {"name": "bad name", "uri": "x y"}]},
+    )
+    lines = errors_of(parse_llmdeployment, obj)
+    assert any(line.startswith("spec.adapters[1].name: ") for line in lines), lines
+    assert any(line.startswith("spec.adapters[1].uri: ") for line in lines), lines
 
 
 @pytest.mark.parametrize(("changes", "expected"), LLMDEPLOYMENT_RULE_CASES)

@@ -16,7 +16,7 @@ def llmray(*args: str, cwd: Path = REPO, home: Path | None = None) -> subprocess
 
         env = {**os.environ, "LLMRAY_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "llmray.cli", *args],
+        [sys.executable, "-m", "llmray_cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -70,3 +70,26 @@ def test_finetune_missing_model_names_the_field(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "spec.baseModel.uri: models/none" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_console_script_is_the_command_line_package() -> None:
+    """`llmray` (pip's console script) runs llmray_cli's main, which offers every command."""
+    import importlib
+
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["llmray"]
+    module, _, name = target.partition(":")
+    assert module.split(".")[0] == "llmray_cli"
+    assert callable(getattr(importlib.import_module(module), name))
+    done = llmray("--help")
+    assert done.returncode == 0, done.stderr
+    for command in ("validate", "finetune", "serve", "init-model", "crds", "operator"):
+        assert command in done.stdout
+
+
+def test_crds_prints_both_resources() -> None:
+    done = llmray("crds")
+    assert done.returncode == 0, done.stderr
+    assert "kind: CustomResourceDefinition" in done.stdout
+    assert "finetunejobs.llmray.io" in done.stdout and "llmdeployments.llmray.io" in done.stdout

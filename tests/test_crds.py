@@ -211,9 +211,18 @@ def test_schema_is_structural(kind: str) -> None:
             re2.compile(node["pattern"])  # the apiserver's regexps are RE2 (Go)
 
 
-def test_value_from_keeps_unknown_fields() -> None:
+def test_value_from_is_typed() -> None:
+    """spec.env[].valueFrom is core/v1 EnvVarSource's four sources, exactly one, nothing else
+    (an open object would let anything through to the pods)."""
     node = node_at(openapi("FineTuneJob"), "spec.env")["items"]["properties"]["valueFrom"]
-    assert node["type"] == "object" and node["x-kubernetes-preserve-unknown-fields"] is True
+    assert set(node["properties"]) == {
+        "secretKeyRef",
+        "configMapKeyRef",
+        "fieldRef",
+        "resourceFieldRef",
+    }
+    assert (node["minProperties"], node["maxProperties"]) == (1, 1)
+    assert "x-kubernetes-preserve-unknown-fields" not in node
 
 
 def test_maps_are_maps_of_strings() -> None:
@@ -391,6 +400,15 @@ FULL_FINETUNEJOB = {
     "spec.env": [
         {"name": "A", "value": "1"},
         {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        {
+            "name": "C",
+            "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k", "optional": True}},
+        },
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "MEM",
+            "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+        },
     ],
     "status": {
         "phase": "Running",
@@ -409,6 +427,31 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("FineTuneJob", {"spec.compute.resourcesPerWorker": {"cpu": 2, "memory": 4096}}),
     ("FineTuneJob", {"spec.compute.resourcesPerWorker": {"cpu": "500m", "memory": "1.5Gi"}}),
     # invalid by schema
+    ("FineTuneJob", {"spec.env": [{"name": "P", "valueFrom": {"podRef": {"name": "x"}}}]}),
+    ("FineTuneJob", {"spec.env": [{"name": "E", "valueFrom": {}}]}),
+    (
+        "FineTuneJob",
+        {
+            "spec.env": [
+                {
+                    "name": "TWO",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": "s", "key": "k"},
+                        "configMapKeyRef": {"name": "c", "key": "k"},
+                    },
+                }
+            ]
+        },
+    ),
+    (
+        "FineTuneJob",
+        {
+            "spec.env": [
+                {"name": "BOTH", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}
+            ]
+        },
+    ),
+    ("FineTuneJob", {"spec.env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s"}}}]}),
     ("FineTuneJob", {"spec.dataset.format": "csv"}),
     ("FineTuneJob", {"spec.method": "fsdp"}),
     ("FineTuneJob", {"spec.method": True}),
@@ -468,6 +511,13 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
         {"spec.strategy": {"type": "deepspeed", "zeroStage": 3, "offloadParameters": True}},
     ),
     ("FineTuneJob", {"spec.strategy": {"type": "ddp", "offloadParameters": True}}),
+    ("FineTuneJob", {"spec.strategy": {"zeroTuning": {"maxLiveParameters": 10}}}),
+    (
+        "FineTuneJob",
+        {"spec.strategy": {"type": "deepspeed", "zeroTuning": {"reduceBucketSize": 10}}},
+    ),
+    ("FineTuneJob", {"spec.baseModel.parameters": 6738415616}),
+    ("FineTuneJob", {"spec.baseModel.parameters": 0}),
     ("FineTuneJob", {"spec.dataset.eval": "s3://b/e.jsonl", "spec.dataset.evalFraction": 0.1}),
     ("FineTuneJob", {"spec.dataset.eval": None, "spec.dataset.evalFraction": 0.1}),
     ("FineTuneJob", {"spec.compute": {"accelerator": "nvidia-gpu", "ipex": True}}),
@@ -537,6 +587,83 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
             "spec.model": {"uri": "s3://b/m", "fineTuneJobRef": {"name": "j"}},
             "spec.engine": "vllm",
             "spec.scaling": {"minReplicas": 9},
+        },
+    ),
+    # LLMDeployment adapters: valid
+    (
+        "LLMDeployment",
+        {
+            "spec.adapters": [
+                {
+                    "name": "support-v3",
+                    "fineTuneJobRef": {"name": "j"},
+                    "minEvaluation": {"a": 0.3},
+                },
+                {"name": "legal", "uri": "s3://b/adapters/legal"},
+            ],
+            "spec.maxLoadedAdapters": 2,
+            "spec.maxAdapterRank": 64,
+            "status": {
+                "adapters": [
+                    {"name": "legal", "ready": True, "uri": "s3://b/adapters/legal"},
+                    {"name": "support-v3", "reason": "FineTuneJobRunning", "message": "waiting"},
+                ]
+            },
+        },
+    ),
+    ("LLMDeployment", {"spec.adapters": []}),
+    ("LLMDeployment", {"spec.maxLoadedAdapters": 1}),
+    # ... invalid by schema
+    ("LLMDeployment", {"spec.adapters": [{"uri": "s3://b/a"}]}),
+    ("LLMDeployment", {"spec.adapters": [{"name": "has space", "uri": "s3://b/a"}]}),
+    ("LLMDeployment", {"spec.adapters": [{"name": "-lead", "uri": "s3://b/a"}]}),
+    ("LLMDeployment", {"spec.adapters": [{"name": "a" * 129, "uri": "s3://b/a"}]}),
+    ("LLMDeployment", {"spec.adapters": [{"name": "a", "uri": "ftp://b/a"}]}),
+    ("LLMDeployment", {"spec.adapters": [{"name": "a", "uri": "s3://b/a", "secretRef": {}}]}),
+    (
+        "LLMDeployment",
+        {"spec.adapters": [{"name": f"a{i}", "uri": "s3://b/a"} for i in range(129)]},
+    ),
+    ("LLMDeployment", {"spec.maxLoadedAdapters": 0}),
+    ("LLMDeployment", {"spec.maxAdapterRank": 12}),
+    (
+        "LLMDeployment",
+        {
+            "spec.adapters": [
+                {"name": "a", "fineTuneJobRef": {"name": "j"}, "minEvaluation": {"x": "high"}}
+            ]
+        },
+    ),
+    # ... by rule
+    ("LLMDeployment", {"spec.adapters": [{"name": "a"}]}),
+    (
+        "LLMDeployment",
+        {"spec.adapters": [{"name": "a", "uri": "s3://b/a", "fineTuneJobRef": {"name": "j"}}]},
+    ),
+    (
+        "LLMDeployment",
+        {"spec.adapters": [{"name": "a", "uri": "s3://b/a"}, {"name": "a", "uri": "s3://b/c"}]},
+    ),
+    (
+        "LLMDeployment",
+        {"spec.adapters": [{"name": "a", "uri": "s3://b/a", "minEvaluation": {"answer": 0.3}}]},
+    ),
+    ("LLMDeployment", {"spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]}),
+    (
+        "LLMDeployment",
+        {"spec.model.servedName": "base", "spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]},
+    ),
+    (
+        "LLMDeployment",
+        {"spec.model.servedName": "base", "spec.adapters": [{"name": "base", "uri": "s3://b/a"}]},
+    ),
+    (
+        "LLMDeployment",
+        {
+            "spec.adapters": [
+                {"name": "demo"},
+                {"name": "demo", "uri": "s3://b/a", "minEvaluation": {"m": 1}},
+            ]
         },
     ),
 ]
@@ -631,15 +758,65 @@ def test_every_rule_is_in_the_crd_at_its_scope(kind: str) -> None:
     assert len(list(rules_in(schema))) == expected
 
 
+# CEL's list macros: `self.adapters.all(a, a.name != "")` reads adapters[].name through `a`.
+_MACRO = re.compile(r"\b(\w+)((?:\.\w+)+)\.(?:all|exists|exists_one|map|filter)\(\s*(\w+)\s*,")
+_FIELDS = re.compile(r"\b(\w+)((?:\.[A-Za-z_]\w*)+)(\()?")
+# The only metadata a CRD's root rules may read (the apiserver supplies their schema).
+ROOT_METADATA = ("metadata.name", "metadata.generateName")
+
+
+def cel_fields(expression: str) -> Iterator[str]:
+    """The field paths a rule reads, relative to its node (`adapters[].name`); method names
+    (`.all(`) are not fields."""
+    roots = {"self": "", "oldSelf": ""}
+    for match in _MACRO.finditer(expression):
+        if match.group(1) in roots:
+            roots[match.group(3)] = roots[match.group(1)] + match.group(2) + "[]"
+    for match in _FIELDS.finditer(expression):
+        if match.group(1) not in roots:
+            continue
+        parts = match.group(2).split(".")[1:]
+        if match.group(3):  # a method call: its receiver is the field
+            parts = parts[:-1]
+        yield ".".join([p for p in [roots[match.group(1)].lstrip("."), *parts] if p])
+
+
+def node_for(schema: dict[str, Any], dotted: str) -> dict[str, Any]:
+    for part in filter(None, dotted.split(".")):
+        name, items = part.removesuffix("[]"), part.endswith("[]")
+        schema = schema["properties"][name]
+        if items:
+            schema = schema["items"]
+    return schema
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rules_name_only_fields_of_the_schema(kind: str) -> None:
     """The apiserver type-checks CEL against the schema; celpy does not, so check here."""
     schema = openapi(kind)
     for path, entry in rules_in(schema):
-        for match in re.finditer(r"\b(?:self|oldSelf)((?:\.[A-Za-z_]\w*)+)", entry["rule"]):
-            node_at(
-                node_at(schema, path), match.group(1).replace(".", " ").strip().replace(" ", ".")
-            )
+        for field in cel_fields(entry["rule"]):
+            if path == "" and field in ROOT_METADATA:
+                continue
+            node_for(node_at(schema, path), field)
+
+
+def test_the_rule_field_check_sees_macros_and_metadata() -> None:
+    fields = list(
+        cel_fields(
+            "!has(self.spec.adapters) || self.spec.adapters.all(a, a.uri != "
+            "self.metadata.name && a.fineTuneJobRef.name != '')"
+        )
+    )
+    assert fields == [
+        "spec.adapters",
+        "spec.adapters",
+        "spec.adapters[].uri",
+        "metadata.name",
+        "spec.adapters[].fineTuneJobRef.name",
+    ]
+    with pytest.raises(KeyError):
+        node_for(openapi("LLMDeployment"), "spec.adapters[].url")
 
 
 def rule_cases() -> Iterator[tuple[str, CrossFieldRule, dict[str, Any]]]:

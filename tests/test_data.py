@@ -42,6 +42,35 @@ CHAT = [
 ]
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
+    {"role": "assistant", "content": "It is 18 degrees in Paris."},
+]
+# A tool chat as one JSON line, with one thing to break per bad-record case below.
+TOOL_BAD = json.dumps({"messages": TOOL_CHAT, "tools": TOOLS})
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer (vocab ~500, no chat template) trained on the samples."""
@@ -192,6 +221,21 @@ GOOD_CHAT = {"messages": CHAT}
         ("chat", '{"messages": [{"role": "user", "content": null}]}', "content must be a string"),
         ("chat", '{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
         ("chat", '{"messages": ["hi"]}', "messages[0] must be an object"),
+        ("chat", '{"messages": [], "tools": {}}', 'field "messages" is empty'),
+        ("chat", TOOL_BAD.replace('"tools": [', '"tools": [3, '), 'tools[0] must be {"type"'),
+        (
+            "chat",
+            TOOL_BAD.replace('"get_weather", "arguments"', '"get_time", "arguments"'),
+            "'get_time' is not one of",
+        ),
+        ("chat", TOOL_BAD.replace('{\\"city', '{\\"city\\"'), "arguments is not valid JSON"),
+        ("chat", TOOL_BAD.replace('"tool_calls": [', '"tool_calls": [4, '), "tool_calls[0] must"),
+        (
+            "chat",
+            TOOL_BAD.replace('"role": "assistant", "content": null', '"role": "user"'),
+            "only assistant messages make tool calls",
+        ),
+        ("chat", TOOL_BAD.replace('"role": "tool"', '"role": "function"'), 'role is "function"'),
     ],
 )
 def test_bad_record_names_file_and_line(
@@ -325,6 +369,44 @@ def test_without_mask_prompt_every_token_is_labelled(tokenizer: Any) -> None:
         for mask in (True, False)
     )
     assert unmasked["input_ids"] == masked["input_ids"] == unmasked["labels"]
+
+
+def test_a_tool_chat_trains_the_calls_and_the_answer_not_the_results(tokenizer: Any) -> None:
+    prepare_tokenizer(tokenizer, "chat", [])
+    record = {"messages": TOOL_CHAT, "tools": TOOLS}
+    (example,) = tokenize_records([record], tokenizer, "chat", 1024, mask_prompt=True)
+    assert [tokenizer.decode(s) for s in labelled_spans(example)] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>",
+        "It is 18 degrees in Paris.<|im_end|>",
+    ]
+    # The whole text is what the server renders for this chat with these tools.
+    rendered = tokenizer.decode(example["input_ids"])
+    assert rendered.startswith("<|im_start|>system\n# Tools\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
+    assert '<|im_start|>tool\n{"temperature": 18}<|im_end|>' in rendered
+
+
+def test_tool_calls_load_from_jsonl_with_object_or_string_arguments(tmp_path: Path) -> None:
+    as_object = json.loads(TOOL_BAD)
+    as_object["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(TOOL_BAD + "\n" + json.dumps(as_object) + "\n", encoding="utf-8")
+    assert len(load_records(path, "chat")) == 2
+
+
+def test_a_model_template_without_tools_renders_tool_chats_with_the_default(
+    tokenizer: Any,
+) -> None:
+    """A tokenizer whose own template ignores tools (SmolLM2's): tool chats take llmray's
+    default template, which the server also uses for them; plain chats keep the model's."""
+    tokenizer.chat_template = LLAMA2_STYLE
+    prepare_tokenizer(tokenizer, "chat", [])
+    tokenizer.add_special_tokens({"extra_special_tokens": DEFAULT_CHAT_SPECIAL_TOKENS})
+    record = {"messages": TOOL_CHAT, "tools": TOOLS}
+    (example,) = tokenize_records([record], tokenizer, "chat", 1024, mask_prompt=True)
+    assert "[INST]" not in tokenizer.decode(example["input_ids"])
+    assert tokenizer.decode(labelled_spans(example)[0]).startswith("<tool_call>\n{")
 
 
 LLAMA2_STYLE = (

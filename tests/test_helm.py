@@ -7,6 +7,7 @@ manifest offline against Kubernetes' own schemas, and check what it grants and r
 from __future__ import annotations
 
 import filecmp
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import llmray
 from llmray_operator.rbac import RULES
 from llmray_operator.settings import Settings
 from tests import k8s_tools
@@ -40,8 +42,17 @@ VALUE_SETS = {
         "serveIngress": "proxy",
         "head": {"cpu": "4", "memory": "16Gi"},
         "ttlSecondsAfterFinished": 3600,
-        "rayPods": {"serviceAccountName": "ml-jobs", "imagePullSecrets": ["regcred", "mirror"]},
+        "rayPods": {
+            "serviceAccountName": "ml-jobs",
+            "imagePullSecrets": ["regcred", "mirror"],
+            "fixedUser": False,
+            "readOnlyRootFilesystem": False,
+        },
         "logLevel": "debug",
+        "policy": {
+            "allowedImagePrefixes": ["registry.example.com/", "r/"],
+            "allowTolerations": False,
+        },
         "nodeSelector": {"node-role.kubernetes.io/control": "true"},
         "tolerations": [
             {"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}
@@ -179,6 +190,10 @@ def test_values_reach_the_operator_settings(tmp_path):
     assert settings.ttl_seconds_after_finished == 3600
     assert settings.ray_service_account == "ml-jobs"
     assert settings.ray_image_pull_secrets == ("regcred", "mirror")
+    assert settings.allowed_image_prefixes == ("registry.example.com/", "r/")
+    assert settings.allow_tolerations is False
+    assert settings.ray_fixed_user is False
+    assert settings.ray_read_only_root_filesystem is False
     assert "--log-level=debug" in container["args"]
     assert container["image"] == "registry.example.com/llmray/operator:1.2.3"
     (monitor,) = by_kind(docs, "ServiceMonitor")
@@ -189,20 +204,29 @@ def test_values_reach_the_operator_settings(tmp_path):
 
 
 def test_default_images_are_the_operators_defaults(tmp_path):
-    """Every image variant reaches the operator, with the tags the operator itself defaults to
-    (and `make images` builds): cpu, -gpu, -intel, -xpu."""
+    """Images left empty reach the operator as unset, so it uses its own defaults (one naming
+    scheme, in settings.py): cpu, -gpu, -intel, -xpu at its version."""
     (deployment,) = by_kind(render({}, tmp_path), "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    assert not [name for name in env if re.fullmatch(r"LLMRAY_(TRAINER|SERVER)_IMAGE\w*", name)]
     settings = Settings.from_env(env)
     defaults = Settings()
+    assert settings.allowed_image_prefixes == () and settings.allow_tolerations is True
     assert settings.trainer_images == defaults.trainer_images
-    assert settings.server_images == defaults.server_images
-    for kind in ("TRAINER", "SERVER"):
-        for suffix in ("", "_NVIDIA", "_INTEL", "_XPU"):
-            assert env[f"LLMRAY_{kind}_IMAGE{suffix}"], f"LLMRAY_{kind}_IMAGE{suffix}"
-    assert env["LLMRAY_TRAINER_IMAGE_XPU"] == "ghcr.io/llmray/trainer:0.1.0-xpu"
-    assert env["LLMRAY_SERVER_IMAGE_XPU"] == "ghcr.io/llmray/server:0.1.0-xpu"
+    assert settings.server_images.xpu == f"ghcr.io/llmray/server:{llmray.__version__}-xpu"
+    # Ray pods: PodSecurity "restricted" as the Ray images' user, read-only root.
+    assert settings.ray_fixed_user is defaults.ray_fixed_user is True
+    assert settings.ray_read_only_root_filesystem is defaults.ray_read_only_root_filesystem
+
+
+def test_the_chart_version_is_the_package_version():
+    """Chart.yaml cannot read llmray.__version__: its version and appVersion are copies. The
+    operator image tag defaults to appVersion and the operator's default trainer / server tags
+    to its own version, so they must match."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == llmray.__version__
+    assert chart["version"] == llmray.__version__
 
 
 @pytest.mark.parametrize(
@@ -215,6 +239,8 @@ def test_default_images_are_the_operators_defaults(tmp_path):
         (["--set", "serveIngress=nginx"], "serveIngress"),
         (["--set", "defaultStorageUri=/data/runs"], "defaultStorageUri"),
         (["--set", "trainerImages.gpu=r/t:1"], "gpu"),  # the key is nvidia
+        (["--set", "policy.allowTolerations=maybe"], "allowTolerations"),
+        (["--set", "policy.allowedImagePrefix={r/}"], "allowedImagePrefix"),
     ],
 )
 def test_schema_rejects_typos_and_wrong_types(args, complaint):

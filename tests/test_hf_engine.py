@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 
 import pytest
 
-from llmray_serve.engine import EngineOverloaded, SamplingParams, collect
+from llmray_serve.engine import EngineOverloaded, EngineUnavailable, SamplingParams, collect
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +79,15 @@ async def test_sampling_varies_with_temperature(engine) -> None:
 async def test_leaving_client_stops_its_generation(engine) -> None:
     stream = engine.generate("Go on and on", SamplingParams(200, 1.0, 1.0))
     await anext(stream)
+    passes = engine.forward_passes
     await stream.aclose()  # what Starlette does when the client disconnects
-    start = time.monotonic()
-    while engine._ongoing:
-        await asyncio.sleep(0.05)
-        assert time.monotonic() - start < 10
     assert engine._ongoing == 0
+    # The request leaves the batch (cancelled, or done: either way the loop empties) ...
+    scheduler = engine.manager.batch_processor.scheduler
+    while scheduler.active_requests or scheduler.waiting_requests:
+        await asyncio.sleep(0.05)
+    # ... long before the 200 tokens it asked for: one pass per token had it run on.
+    assert engine.forward_passes - passes < 100
 
 
 async def test_over_the_limit_is_refused_at_once(engine) -> None:
@@ -120,3 +122,97 @@ def test_text_is_decoded_incrementally_and_never_splits_a_character(tiny_model) 
         seen.append(text.send(len(text.text)))
     seen.append(text.send(len(text.flush())))
     assert "".join(seen) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def test_an_empty_prompt_starts_a_new_document(engine) -> None:
+    """OpenAI: with no prompt the model generates as if from the beginning of a new document;
+    transformers' forward pass fails on no tokens at all (it used to end the loop)."""
+    out = await collect(engine.generate("", GREEDY))
+    assert out.usage.prompt_tokens == 1 == engine.count_tokens("")  # the bos token
+    assert out.usage.completion_tokens > 0
+    assert engine.healthy()
+
+
+@pytest.mark.parametrize("prompt", ["<|im_end|>", "<|endoftext|><|pad|><|im_start|>", " ", "\n"])
+async def test_prompts_of_special_tokens_or_whitespace_are_answered(engine, prompt) -> None:
+    out = await collect(engine.generate(prompt, GREEDY))
+    assert out.usage.prompt_tokens == engine.count_tokens(prompt) > 0
+    assert out.finish_reason in ("stop", "length")
+    assert engine.healthy()
+
+
+class StepFault:
+    """A forward hook that raises in the next `times` forward passes (a broken kernel, an
+    out-of-memory error), installed on the real model inside the real generation loop."""
+
+    def __init__(self, engine, times: int = 1) -> None:
+        self.times = times
+        self.handle = engine.model.register_forward_hook(self)
+
+    def __call__(self, *_) -> None:
+        if self.times > 0:
+            self.times -= 1
+            raise RuntimeError("injected: the device fell off the bus")
+
+    def __enter__(self) -> StepFault:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.handle.remove()
+
+
+async def test_a_failing_step_fails_its_request_and_the_loop_goes_on(engine) -> None:
+    failed = engine.steps.failed
+    with StepFault(engine), pytest.raises(RuntimeError, match="the device fell off the bus"):
+        await collect(engine.generate("Hello", GREEDY))
+    assert engine.steps.failed == failed + 1
+    assert engine.healthy() and engine.manager.is_running()
+    after = await collect(engine.generate("Hello", GREEDY))  # the next request is served
+    assert after.text and after.usage.completion_tokens > 0
+
+
+async def test_steps_failing_in_a_row_make_the_engine_unhealthy(tiny_model) -> None:
+    """A broken model or device, not a bad request: the health check fails (Ray Serve then
+    replaces the replica) and requests get EngineUnavailable (a 503) at once."""
+    from llmray_serve.hf_engine import MAX_FAILED_STEPS, TransformersEngine
+
+    broken = TransformersEngine(tiny_model, max_batch=2, max_ongoing=4)
+    try:
+        with StepFault(broken, times=10**6):
+            for _ in range(MAX_FAILED_STEPS):
+                with pytest.raises(RuntimeError, match="fell off the bus"):
+                    await collect(broken.generate("Hi", GREEDY))
+        assert not broken.healthy()
+        with pytest.raises(EngineUnavailable, match="failed its last 3 steps"):
+            await anext(broken.generate("Hi", GREEDY))
+    finally:
+        broken.close()
+    assert not broken.healthy()
+    with pytest.raises(EngineUnavailable, match="has stopped"):  # a dead loop: refused, no hang
+        await anext(broken.generate("Hi", GREEDY))
+
+
+async def test_a_stuck_step_makes_the_engine_unhealthy_while_it_lasts(engine) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def hang(*_) -> None:
+        release.wait()  # a wedged kernel, until the test lets it go
+
+    handle = engine.model.register_forward_hook(hang)
+    # Longer than an idle pass of the loop (it waits 0.1 s for new requests), far shorter
+    # than the hang.
+    engine.steps.stuck_after_s, stuck_after = 0.5, engine.steps.stuck_after_s
+    try:
+        request = asyncio.ensure_future(collect(engine.generate("Hello", GREEDY)))
+        while engine.healthy():
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineUnavailable, match="stuck"):
+            await anext(engine.generate("Hi", GREEDY))
+    finally:
+        handle.remove()
+        release.set()
+        engine.steps.stuck_after_s = stuck_after
+    assert (await request).usage.completion_tokens > 0
+    assert engine.healthy()

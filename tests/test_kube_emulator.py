@@ -7,7 +7,6 @@ import copy
 import json
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import kmock
@@ -345,9 +344,16 @@ async def test_expired_resource_version_gets_410(tmp_path):
 
 
 async def test_timeout_seconds_ends_a_watch(kube):
-    started = time.monotonic()
-    events = await watch(kube, CM_PATH, timeoutSeconds="1")
-    assert events == [] and 0.9 < time.monotonic() - started < 3
+    """The stream stays open (a later change arrives), then the server ends it cleanly."""
+
+    async def change_later():
+        await asyncio.sleep(0.3)
+        await kube.apply_object(configmap("late"))
+
+    changer = asyncio.create_task(change_later())
+    events = await asyncio.wait_for(watch(kube, CM_PATH, timeoutSeconds="2"), 30)
+    await changer
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "late")]
 
 
 async def test_initial_events_end_with_a_bookmark(kube):
@@ -528,7 +534,7 @@ async def test_invalid_objects_get_422_with_causes(kube, api):
         assert "bogus" not in (await resp.json())["spec"]
 
 
-def test_schema_validates_the_real_crds_quickly():
+def test_schema_validates_the_real_crds():
     rayjob = CrdSchema.from_file(RAYJOB_CRD)
     assert (rayjob.group, rayjob.version, rayjob.plural, rayjob.kind) == (
         "ray.io",
@@ -552,11 +558,6 @@ def test_schema_validates_the_real_crds_quickly():
         f"{containers}[1].extra: unknown field",
         f'{containers}[1].image: Invalid value: "integer": must be of type string',
     ]
-
-    started = time.perf_counter()
-    for _ in range(10):
-        rayjob.validate(bad)
-    assert (time.perf_counter() - started) / 10 < 0.05
 
     for name in ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml"):
         schema = CrdSchema.from_file(KUBERAY / name)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from llmray.adapters import resolve_adapters
 from llmray.api import load_resource
 from llmray.api.validation import SpecError, parse_finetunejob, parse_llmdeployment
 from llmray.serve_args import ServeArgs
@@ -55,6 +57,18 @@ SERVE_CASES = {
     "serve-cpu": ("llmdeployment-cpu.yaml", None),
     "serve-gpu-vllm": ("llmdeployment-vllm.yaml", None),
     "serve-from-job": ("llmdeployment-from-job.yaml", "pvc://llm-models/smollm2-support"),
+    "serve-adapters": ("llmdeployment-adapters.yaml", None),
+}
+# The adapter job of examples/kubernetes/finetunejob-cpu-lora-adapter.yaml, succeeded.
+ADAPTER_JOBS = {
+    "support-v3": {
+        "phase": "Succeeded",
+        "model": {
+            "uri": "pvc://llm-models/adapters/support-v3",
+            "adapter": True,
+            "baseModel": "pvc://llm-models/smollm2-135m-instruct",
+        },
+    }
 }
 
 
@@ -135,7 +149,8 @@ def test_rayservice_matches_golden_and_kuberay_schema(case, kuberay):
     source, job_model = SERVE_CASES[case]
     dep = _with_namespace(load_resource(EXAMPLES / source))
     model_uri = job_model or dep.spec.model.uri
-    service = rayservice.build(dep, _owner(dep), model_uri, SETTINGS)
+    adapters = resolve_adapters(dep, ADAPTER_JOBS, model_uri)
+    service = rayservice.build(dep, _owner(dep), model_uri, SETTINGS, adapters)
     errors = kuberay["RayService"].validate(service)
     assert errors == [], "\n".join(errors)
     _check_golden(case, [service])
@@ -169,22 +184,49 @@ def test_rank0_group_pins_world_rank_0_to_a_large_memory_node():
     assert spec["activeDeadlineSeconds"] == 86400
 
 
-def test_rank0_memory_is_estimated_from_the_model_size_when_unset():
-    _, children = _finetune("gpu-zero3-70b")
-    groups = {
-        g["groupName"]: g for g in children.ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    }
-    # 70e9 parameters x 2 bytes (bf16) x 4 = 522 GiB; workers keep their own 160Gi.
-    assert (
-        groups["rank0"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
-        == "522Gi"
-    )
+def _groups(children) -> dict[str, Any]:
+    specs = children.ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return {g["groupName"]: g for g in specs}
+
+
+def _memory(group: dict[str, Any]) -> str:
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+
+
+def test_rank0_memory_is_the_plans_rank0_peak_when_unset():
+    from llmray.sizing import gib_quantity
+
+    job, children = _finetune("gpu-zero3-70b")
+    # The plan's rank-0 peak (reading the 138 GB bf16 checkpoint for everyone, at load) is
+    # below a worker's 160Gi here: rank 0 keeps the workers' memory.
+    assert children.plan is not None
+    assert children.plan.rank0.peak_host < 160 * 2**30
+    assert _memory(_groups(children)["rank0"]) == "160Gi"
+    # With small workers, rank 0 gets the plan's peak, in whole Gi.
+    compute = job.spec.compute.model_copy(
+        update={"resourcesPerWorker": job.spec.compute.resourcesPerWorker.model_copy(
+            update={"memory": "64Gi"}
+        )}
+    )  # fmt: skip
+    small = job.model_copy(update={"spec": job.spec.model_copy(update={"compute": compute})})
+    children = rayjob.build(small, _owner(small), SETTINGS)
+    groups = _groups(children)
+    assert _memory(groups["rank0"]) == gib_quantity(children.plan.rank0.peak_host) == "149Gi"
     assert groups["workers"]["replicas"] == 31
-    worker = groups["workers"]["template"]["spec"]
-    assert worker["containers"][0]["resources"]["limits"]["memory"] == "160Gi"
-    assert worker["tolerations"] == [
+    assert _memory(groups["workers"]) == "64Gi"
+    assert groups["workers"]["template"]["spec"]["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
+
+
+def test_no_plan_without_the_parameter_hint_rank0_gets_a_workers_memory():
+    from llmray_operator.sizing import job_plan, rank0_memory
+
+    job, _ = _finetune("gpu-zero3-70b")
+    base = job.spec.baseModel.model_copy(update={"parameters": None})
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"baseModel": base})})
+    assert job_plan(job) is None  # the operator reads no model files; no name guessing
+    assert rank0_memory(job, None) == "160Gi"
 
 
 def test_intel_gpu_gets_the_xpu_image_device_resource_and_oneccl_env():
@@ -270,6 +312,112 @@ def test_pvc_uris_become_volumes_mounted_where_the_trainer_looks():
     assert mounts[claims["llm-data"]] == "/mnt/llmray/pvc/llm-data"
 
 
+def _adapters_service(adapters: list[dict], jobs: dict | None = None) -> dict:
+    dep = _with_namespace(load_resource(EXAMPLES / "llmdeployment-adapters.yaml"))
+    dep = dep.model_copy(
+        update={"spec": dep.spec.model_copy(update={"adapters": _adapter_specs(adapters)})}
+    )
+    resolved = resolve_adapters(dep, ADAPTER_JOBS if jobs is None else jobs, dep.spec.model.uri)
+    return rayservice.build(dep, _owner(dep), dep.spec.model.uri, SETTINGS, resolved)
+
+
+def _adapter_specs(adapters: list[dict]):
+    from llmray.api.llmdeployment import AdapterSpec
+
+    return [AdapterSpec.model_validate(a) for a in adapters]
+
+
+def _app(service: dict) -> dict:
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+def test_adapter_changes_touch_the_serve_config_only():
+    """Adding, removing or readying an adapter changes serveConfigV2's user_config alone: the
+    rayClusterConfig stays byte-identical (KubeRay updates Serve in place, no new cluster) and
+    so do the application args (Serve reconfigures the replicas, no restart)."""
+    legal = {"name": "legal", "uri": "pvc://llm-models/adapters/legal"}
+    support = {"name": "support", "fineTuneJobRef": {"name": "support-v3"}}
+    running = {"support-v3": {"phase": "Running"}}
+    variants = {
+        "one": _adapters_service([legal]),
+        "two": _adapters_service([legal, support]),
+        "waiting": _adapters_service([legal, support], running),
+        "removed": _adapters_service([support]),
+    }
+    clusters = {
+        json.dumps(v["spec"]["rayClusterConfig"], sort_keys=True) for v in variants.values()
+    }
+    assert len(clusters) == 1
+    assert len({json.dumps(_app(v)["args"], sort_keys=True) for v in variants.values()}) == 1
+    configs = {k: _app(v)["deployments"] for k, v in variants.items()}
+    assert configs["two"] == [
+        {
+            "name": "llm",
+            "user_config": {
+                "adapters": [
+                    {"name": "legal", "uri": legal["uri"], "reason": "", "message": ""},
+                    {
+                        "name": "support",
+                        "uri": "pvc://llm-models/adapters/support-v3",
+                        "reason": "",
+                        "message": "",
+                    },
+                ]
+            },
+        }
+    ]
+    (_, waiting) = configs["waiting"][0]["user_config"]["adapters"]
+    assert waiting == {
+        "name": "support",
+        "uri": "",
+        "reason": "FineTuneJobRunning",
+        "message": "FineTuneJob support-v3 is Running: the adapter is served once it succeeded",
+    }
+    hashes = {v["metadata"]["annotations"][rayservice.SPEC_HASH] for v in variants.values()}
+    assert len(hashes) == 4  # each is a change the operator applies
+
+
+def test_adapter_claims_and_the_default_storage_are_mounted_read_only():
+    service = _adapters_service([{"name": "a", "uri": "pvc://adapters/a"}])
+    pod = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v["name"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    # The model's, the adapter's, and the operator's default storage (where jobs write theirs).
+    assert set(claims) == {"llm-models", "adapters", "llmray-runs"}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert all(mounts[name].get("readOnly") for name in claims.values())
+
+
+def test_an_adapter_pods_cannot_read_is_an_invalid_spec_naming_it():
+    with pytest.raises(SpecError) as info:
+        _adapters_service([{"name": "a", "uri": "s3://b/a"}, {"name": "b", "uri": "adapters/b"}])
+    assert [e.path for e in info.value.errors] == ["spec.adapters[1].uri"]
+    local_job = {"support-v3": ADAPTER_JOBS["support-v3"] | {"model": {"uri": "/tmp/a"}}}
+    local_job["support-v3"]["model"] |= {"adapter": True}
+    with pytest.raises(SpecError) as info:
+        _adapters_service([{"name": "s", "fineTuneJobRef": {"name": "support-v3"}}], local_job)
+    assert [e.path for e in info.value.errors] == ["spec.adapters[0].fineTuneJobRef"]
+
+
+def test_without_adapters_the_serve_config_has_no_user_config():
+    dep = _with_namespace(load_resource(EXAMPLES / "llmdeployment-cpu.yaml"))
+    app = _app(rayservice.build(dep, _owner(dep), dep.spec.model.uri, SETTINGS))
+    assert "deployments" not in app and app["args"]["max_loaded_adapters"] == 0
+    # maxLoadedAdapters alone keeps adapter support on with an empty list.
+    spec = dep.spec.model_copy(update={"maxLoadedAdapters": 2})
+    app = _app(
+        rayservice.build(
+            dep.model_copy(update={"spec": spec}), _owner(dep), dep.spec.model.uri, SETTINGS
+        )
+    )
+    assert app["deployments"] == [{"name": "llm", "user_config": {"adapters": []}}]
+    assert app["args"]["max_loaded_adapters"] == 2
+
+
 def test_serve_config_names_the_builder_with_resolved_args():
     dep = _with_namespace(load_resource(EXAMPLES / "llmdeployment-vllm.yaml"))
     service = rayservice.build(dep, _owner(dep), dep.spec.model.uri, SETTINGS)
@@ -289,9 +437,9 @@ def test_serve_config_names_the_builder_with_resolved_args():
         "name": "llm-api-key",
         "key": "key",
     }
-    ports = {
-        p["name"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
-    }
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "LLMRAY_API_KEY" not in {e["name"] for e in head["env"]}  # no replica runs there
+    ports = {p["name"] for p in head["ports"]}
     assert {"serve", "dashboard"} <= ports
     assert rayservice.endpoint("gsm8k-7b", "ml", SETTINGS) == (
         "http://gsm8k-7b-serve-svc.ml.svc.cluster.local:8000/v1"
@@ -374,3 +522,59 @@ def test_serving_pods_use_haproxy_ingress_unless_the_operator_is_set_to_rays_pro
     for env in pod_envs(proxy):
         assert "RAY_SERVE_ENABLE_HA_PROXY" not in env
         assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+
+
+def _grace(group: dict[str, Any]) -> tuple[int, list[str], str]:
+    """(terminationGracePeriodSeconds, preStop command, Ray's drain timeout) of a group."""
+    pod = group["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    return pod["terminationGracePeriodSeconds"], command, env[rayjob.RAY_DRAIN_TIMEOUT_ENV]
+
+
+def test_training_pods_get_a_grace_period_for_a_checkpoint_from_the_model_size():
+    from llmray.sizing import checkpoint_rank_bytes, preemption_grace_seconds
+
+    job, children = _finetune("gpu-zero3-7b")
+    plan = children.plan
+    assert plan is not None
+    # 7B under ZeRO-3 bf16 on 6 workers: each writes its 1/6 of the weights and states.
+    assert plan.checkpoint_bytes == checkpoint_rank_bytes(job.spec, plan.shape)
+    assert plan.checkpoint_bytes == (2 + 12) * 6_738_415_616 // 6
+    grace = preemption_grace_seconds(job.spec, plan.checkpoint_bytes)
+    assert grace == 60 + -(-plan.checkpoint_bytes // (100 * 2**20))
+    for group in _groups(children).values():
+        seconds, command, drain = _grace(group)
+        assert seconds == grace and drain == str(grace)
+        assert command[:3] == ["python", "-m", "llmray_trainer.prestop"]
+        assert command[-1] == str(grace)
+    # The head runs no training: Kubernetes' default.
+    head = children.ray_job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "terminationGracePeriodSeconds" not in head
+
+
+def test_preemption_grace_period_is_overridable_and_has_a_default_without_a_size():
+    from llmray.sizing import DEFAULT_PREEMPTION_GRACE_SECONDS
+
+    job, _ = _finetune("gpu-zero3-70b")
+    checkpointing = job.spec.checkpointing.model_copy(update={"preemptionGracePeriodSeconds": 45})
+    set_ = job.model_copy(
+        update={"spec": job.spec.model_copy(update={"checkpointing": checkpointing})}
+    )
+    for group in _groups(rayjob.build(set_, _owner(set_), SETTINGS)).values():
+        assert _grace(group)[0] == 45
+    base = job.spec.baseModel.model_copy(update={"parameters": None})
+    unknown = job.model_copy(update={"spec": job.spec.model_copy(update={"baseModel": base})})
+    for group in _groups(rayjob.build(unknown, _owner(unknown), SETTINGS)).values():
+        assert _grace(group)[0] == DEFAULT_PREEMPTION_GRACE_SECONDS
+
+
+def test_spec_env_cannot_shorten_rays_drain_on_sigterm():
+    job = parse_finetunejob(
+        {**CPU_DDP, "spec": {**CPU_DDP["spec"], "env": [
+            {"name": rayjob.RAY_DRAIN_TIMEOUT_ENV, "value": "1"}
+        ]}}
+    )  # fmt: skip
+    errors = rayjob.cluster_errors(job, SETTINGS)
+    assert any(rayjob.RAY_DRAIN_TIMEOUT_ENV in str(e) for e in errors), errors

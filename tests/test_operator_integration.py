@@ -11,27 +11,14 @@ import asyncio
 import contextlib
 import copy
 import time
-from pathlib import Path
 
 import pytest
 from kopf.testing import KopfRunner
 
 from llmray.progress import format_line
 from tests.kube.emulator import emulated_cluster
+from tests.kube.operator_crds import CONFIGMAPS, CRDS, EVENTS, FTJ, LLMD, RAYJOBS, RAYSERVICES
 
-ROOT = Path(__file__).resolve().parents[1]
-CRDS = [
-    ROOT / "crds" / "llmray.io_finetunejobs.yaml",
-    ROOT / "crds" / "llmray.io_llmdeployments.yaml",
-    ROOT / "third_party" / "kuberay-crds" / "ray.io_rayjobs.yaml",
-    ROOT / "third_party" / "kuberay-crds" / "ray.io_rayservices.yaml",
-]
-FTJ = "llmray.io/v1alpha1/finetunejobs"
-LLMD = "llmray.io/v1alpha1/llmdeployments"
-RAYJOBS = "ray.io/v1/rayjobs"
-RAYSERVICES = "ray.io/v1/rayservices"
-CONFIGMAPS = "v1/configmaps"
-EVENTS = "v1/events"
 NS = "ml"
 
 pytestmark = pytest.mark.timeout(120)
@@ -247,6 +234,64 @@ async def test_invalid_spec_fails_once_naming_the_field(cluster):
         assert len([c for c in kube.api_calls if c[0] == "patch" and c[3] == "status"]) == writes
 
 
+async def test_a_job_its_workers_cannot_fit_gets_wontfit_before_its_rayjob(cluster):
+    """A 7B full fine-tune (ZeRO-2, fp32, 2 workers) in 8Gi workers: the plan says a worker
+    needs far more. A Warning Event and the WontFit condition name the need and the limit;
+    the RayJob is still created (a prediction is not InvalidSpec)."""
+    kube = cluster
+    job = copy.deepcopy(JOB)
+    job["metadata"]["name"] = "too-big"
+    spec = job["spec"]
+    spec["baseModel"] = {"uri": "hf://meta-llama/Llama-2-7b-hf", "parameters": 6738415616}
+    spec["method"] = "full"
+    del spec["lora"]
+    spec["strategy"] = {"type": "deepspeed", "zeroStage": 2}
+    async with operator():
+        await kube.apply_object(job)
+        await eventually(
+            lambda: ("Warning", "WontFit") in events_for(kube, "too-big"), what="WontFit event"
+        )
+        await eventually(lambda: kube.get_object(RAYJOBS, NS, "too-big"), what="the RayJob")
+
+        def conditions():
+            return {c["type"]: c for c in status_of(kube, FTJ, "too-big").get("conditions", [])}
+
+        conds = await eventually(lambda: "WontFit" in conditions() and conditions(), what="cond")
+        wont = conds["WontFit"]
+        assert wont["status"] == "True" and wont["reason"] == "WontFit"
+        assert "a worker needs" in wont["message"] and "8.0Gi" in wont["message"]
+        assert "spec.compute.resourcesPerWorker.memory" in wont["message"]
+        assert conds["Failed"]["status"] == "False"  # not InvalidSpec: it is a prediction
+        # Later passes (the RayJob exists) keep the verdict as judged.
+        await play_kuberay_rayjob(
+            kube, "too-big", jobDeploymentStatus="Running", jobStatus="RUNNING"
+        )
+        await eventually(lambda: phase(kube, FTJ, "too-big") == "Running", what="Running")
+        assert conditions()["WontFit"]["status"] == "True"
+
+
+async def test_an_image_outside_the_allowed_prefixes_fails_both_kinds(cluster, monkeypatch):
+    """LLMRAY_ALLOWED_IMAGE_PREFIXES (chart policy.allowedImagePrefixes): a spec.image outside
+    it is InvalidSpec naming spec.image, and no child is created."""
+    monkeypatch.setenv("LLMRAY_ALLOWED_IMAGE_PREFIXES", "registry.example.com/ml/")
+    kube = cluster
+    job = copy.deepcopy(JOB)
+    job["spec"]["image"] = "docker.io/someone/trainer:latest"
+    dep = copy.deepcopy(DEPLOYMENT)
+    dep["spec"]["model"] = {"uri": "s3://models/support-bot"}
+    dep["spec"]["image"] = "docker.io/someone/server:latest"
+    async with operator():
+        await kube.apply_object(job)
+        await kube.apply_object(dep)
+        for res in (FTJ, LLMD):
+            await eventually(lambda r=res: phase(kube, r, "support-bot") == "Failed", what=res)
+            failed = next(c for c in status_of(kube, res)["conditions"] if c["type"] == "Failed")
+            assert failed["reason"] == "InvalidSpec"
+            assert failed["message"].startswith("spec.image: docker.io/someone/")
+    assert kube.get_object(RAYJOBS, NS, "support-bot") is None
+    assert kube.get_object(RAYSERVICES, NS, "support-bot") is None
+
+
 async def test_llmdeployment_waits_for_its_job_then_serves_its_model(cluster):
     kube = cluster
     async with operator():
@@ -354,6 +399,95 @@ async def test_restarting_the_operator_creates_no_duplicates_and_keeps_status(cl
     assert after["startTime"] == before["startTime"]
 
 
+def _on_default_storage(job: dict) -> dict:
+    """The job with neither checkpointing.storageUri nor output.uri: the operator's default
+    storage (LLMRAY_DEFAULT_STORAGE_URI) decides where its model goes."""
+    job = copy.deepcopy(job)
+    del job["spec"]["checkpointing"], job["spec"]["output"]
+    return job
+
+
+async def resumed(kube, since: int) -> None:
+    """Wait until a restarted operator's resume passes have read the job and the
+    deployment's RayService."""
+    for resource in ("finetunejobs", "rayservices"):
+        await eventually(
+            lambda r=resource: any(
+                c.verb == "get" and c.resource == r for c in kube.api_calls[since:]
+            ),
+            what=f"resume pass ({resource})",
+        )
+    await asyncio.sleep(1.0)  # what the pass would write after its reads
+
+
+async def test_a_settings_change_and_a_restart_never_regress_a_finished_job(cluster, monkeypatch):
+    """A Succeeded job stays Succeeded with the same model URI, and the LLMDeployment serving
+    it is not repointed, when the operator restarts with another default storage or with none
+    (which would now make the job's spec InvalidSpec)."""
+    kube = cluster
+    async with operator():
+        await kube.apply_object(_on_default_storage(JOB))
+        await kube.apply_object(copy.deepcopy(DEPLOYMENT))
+        await eventually(lambda: kube.get_object(RAYJOBS, NS, "support-bot"), what="RayJob")
+        await play_kuberay_rayjob(
+            kube, "support-bot", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"
+        )
+        await eventually(lambda: phase(kube, FTJ, "support-bot") == "Succeeded", what="done")
+        service = await eventually(
+            lambda: kube.get_object(RAYSERVICES, NS, "support-bot"), what="RayService"
+        )
+    finished = status_of(kube, FTJ)
+    model = finished["model"]["uri"]
+    assert model.startswith("s3://llmray-runs/ml/support-bot")
+    assert model in service["spec"]["serveConfigV2"]
+    for storage in ("s3://another-bucket", None):
+        if storage:
+            monkeypatch.setenv("LLMRAY_DEFAULT_STORAGE_URI", storage)
+        else:
+            monkeypatch.delenv("LLMRAY_DEFAULT_STORAGE_URI")
+        since = len(kube.api_calls)
+        async with operator():
+            await resumed(kube, since)
+        assert status_of(kube, FTJ) == finished, storage
+        assert status_of(kube, LLMD)["modelUri"] == model
+        assert kube.get_object(RAYSERVICES, NS, "support-bot")["spec"] == service["spec"]
+        assert not [
+            c for c in kube.api_calls[since:] if c.verb == "patch" and c.group == "llmray.io"
+        ], "a finished job's status was written again"
+
+
+async def test_a_running_job_follows_its_rayjob_after_a_settings_change(cluster, monkeypatch):
+    """Once submitted, a job is judged by its RayJob, not by settings that changed since: an
+    operator restarted without default storage keeps it Running, and its model is where the
+    trainer was told to write it (its ConfigMap), not where the new settings would put it."""
+    kube = cluster
+    async with operator():
+        await kube.apply_object(_on_default_storage(JOB))
+        await eventually(lambda: kube.get_object(RAYJOBS, NS, "support-bot"), what="RayJob")
+        await play_kuberay_rayjob(
+            kube, "support-bot", jobDeploymentStatus="Running", jobStatus="RUNNING"
+        )
+        await eventually(lambda: phase(kube, FTJ, "support-bot") == "Running", what="Running")
+    config = kube.get_object(CONFIGMAPS, NS, "support-bot-trainer")["data"]["trainer.json"]
+    monkeypatch.delenv("LLMRAY_DEFAULT_STORAGE_URI")
+    since = len(kube.api_calls)
+    async with operator():
+        await eventually(
+            lambda: any(c.resource == "rayjobs" for c in kube.api_calls[since:]), what="resume"
+        )
+        await asyncio.sleep(1.0)
+        assert phase(kube, FTJ, "support-bot") == "Running"
+        monkeypatch.setenv("LLMRAY_DEFAULT_STORAGE_URI", "s3://another-bucket")  # not re-read
+        await play_kuberay_rayjob(
+            kube, "support-bot", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"
+        )
+        await eventually(lambda: phase(kube, FTJ, "support-bot") == "Succeeded", what="done")
+    model = status_of(kube, FTJ)["model"]["uri"]
+    assert model.startswith("s3://llmray-runs/ml/support-bot") and f'"{model}"' in config
+    conds = {c["type"]: c["reason"] for c in status_of(kube, FTJ)["conditions"]}
+    assert "InvalidSpec" not in conds.values()
+
+
 async def test_deleting_the_finetunejob_deletes_its_children(cluster):
     kube = cluster
     async with operator():
@@ -394,7 +528,7 @@ async def test_llmray_operator_process_serves_health_and_metrics_and_keeps_to_it
         [
             sys.executable,
             "-m",
-            "llmray.cli",
+            "llmray_cli",
             "operator",
             "--namespace",
             NS,

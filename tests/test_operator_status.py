@@ -129,11 +129,11 @@ def test_finetunejob_status_lifecycle_keeps_times_and_never_regresses():
 def test_conditions_move_their_transition_time_only_on_a_status_change():
     first = conditions([], [("Ready", False, "Initializing", "")], now="t1", generation=1)
     same = conditions(first, [("Ready", False, "ZeroServeEndpoints", "")], now="t2", generation=1)
-    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "ZeroServeEndpoints"
+    assert same[0].lastTransitionTime == "t1" and same[0].reason == "ZeroServeEndpoints"
     flipped = conditions(
         same, [("Ready", True, "NonZeroServeEndpoints", "")], now="t3", generation=2
     )
-    assert flipped[0] == {
+    assert flipped[0].model_dump() == {
         "type": "Ready",
         "status": "True",
         "reason": "NonZeroServeEndpoints",
@@ -149,6 +149,25 @@ def test_invalid_spec_fails_with_reason_invalid_spec():
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
     assert "spec.dataset.train" in failed["message"]
+
+
+def test_a_finished_job_is_never_rejudged():
+    """Neither a spec check nor another model URI (settings changed since) touches the status
+    of a Succeeded or Failed job."""
+    done = _ftj({}, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+    failed = _ftj({}, {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"})
+    for finished in (done, failed):
+        later = finetunejob_status(
+            previous=finished,
+            generation=1,
+            now="2026-11-24T00:00:00Z",
+            ray_job_name="job",
+            ray_status={"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+            model_uri="s3://elsewhere/models/job",
+            invalid="spec.checkpointing.storageUri: required on a cluster",
+        )
+        assert later == finished
+    assert done["model"] == {"uri": "s3://b/models/job"}
 
 
 def _cond(type_, status, reason="", message=""):
@@ -276,3 +295,72 @@ def test_waiting_for_model_reports_model_not_available():
     assert cond["ModelAvailable"]["status"] == "False"
     assert cond["ModelAvailable"]["reason"] == "FineTuneJobRunning"
     assert status["endpoint"] == ""
+
+
+def test_a_failed_training_carries_the_trainers_own_words():
+    """KubeRay copies Ray's message, the driver's last 10 log lines after "Job entrypoint
+    command failed ..."; the trainer ends them with a `failed` record (found by the replay)."""
+    from llmray.progress import format_line
+
+    tail = "\n".join(
+        [
+            "Job entrypoint command failed with exit code 1, last available logs "
+            "(truncated to 20,000 chars):",
+            '  File "launcher.py", line 120, in run',
+            "llmray_trainer.placement.PlacementError: rank 0 needs a Ray node ...",
+            format_line({"event": "failed", "message": "rank 0 needs a Ray node ..."}),
+        ]
+    )
+    verdict = rayjob_verdict(
+        {
+            "jobDeploymentStatus": "Failed",
+            "jobStatus": "FAILED",
+            "reason": "AppFailed",
+            "message": tail,
+        }
+    )
+    assert verdict == Verdict("Failed", "AppFailed", "rank 0 needs a Ray node ...")
+    # A message without such a record (Ray's, KubeRay's) is kept as it is.
+    plain = {"jobDeploymentStatus": "Failed", "reason": "SubmissionFailed", "message": "gone"}
+    assert rayjob_verdict(plain).message == "gone"
+
+
+def test_a_failed_deployment_says_why_its_replica_failed():
+    """Serve's application message names no reason; its deployment's ends with the replica's
+    exception (what the replay saw for a model the replicas could not fetch)."""
+    status = _apps("DEPLOY_FAILED", "Failed to update the deployments ['llm'].")
+    app = status["activeServiceStatus"]["applicationStatuses"]["llm"]
+    app["serveDeploymentStatuses"] = {
+        "llm": {
+            "status": "DEPLOY_FAILED",
+            "message": "The deployment failed to start 3 times in a row.\nTraceback ...\n"
+            "\x1b[36mray::ServeReplica\x1b[39m\nllmray.uris.UriError: spec.model.uri: "
+            "s3://b/m: cannot list it\n",
+        }
+    }
+    assert rayservice_verdict(status).message == (
+        "application llm: Failed to update the deployments ['llm']. "
+        "deployment llm: llmray.uris.UriError: spec.model.uri: s3://b/m: cannot list it"
+    )
+
+
+def test_an_adapter_only_job_reports_its_base_model():
+    done = _ftj(
+        {},
+        {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+        adapter_base="hf://meta-llama/Llama-2-7b-hf",
+    )
+    assert done["model"] == {
+        "uri": "s3://b/models/job",
+        "adapter": True,
+        "baseModel": "hf://meta-llama/Llama-2-7b-hf",
+    }
+
+
+def test_wontfit_is_kept_as_judged_before_the_rayjob():
+    judged = _ftj({}, None, wont_fit=(True, "a worker needs 70.0Gi, limit 8.0Gi"))
+    wont = next(c for c in judged["conditions"] if c["type"] == "WontFit")
+    assert (wont["status"], wont["reason"]) == ("True", "WontFit")
+    later = _ftj(judged, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    kept = next(c for c in later["conditions"] if c["type"] == "WontFit")
+    assert kept == wont and later["phase"] == "Running"

@@ -1,11 +1,16 @@
 """The vLLM engine adapter.
 
-vLLM cannot run here: it needs a CUDA GPU, and its wheel pins torch 2.14 / transformers < 5.21
-against this project's torch 2.13 / transformers 5.23. So beyond the real "not installed"
-error, these tests put a fake `vllm` module in place (the mock is the engine only: the
-tokenizer is the tiny model's real one) that follows vLLM 0.33's API as the adapter uses it:
-`AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))`, `generate({"prompt_token_ids"},
-SamplingParams, request_id)` yielding cumulative `RequestOutput`s, `abort`, `errored`.
+vLLM cannot run here: it needs a CUDA GPU, and the -gpu image's vLLM (0.32.0, the Dockerfile's
+VLLM_VERSION) pins transformers < 5.20 and fastapi < 0.137 against this project's
+transformers 5.23 and fastapi 0.165 (its torch pin, 2.13.0, is the project's). So beyond the
+real "not installed" error, these tests put a fake `vllm` module in place (the mock is the
+engine only: the tokenizer is the tiny model's real one) that follows vLLM 0.32's API as the
+adapter uses it: `AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))`,
+`generate({"prompt_token_ids"}, SamplingParams, request_id)` yielding cumulative
+`RequestOutput`s (one `CompletionOutput` per choice: index, text, token_ids, logprobs as
+token id -> Logprob(logprob, rank, decoded_token), finish_reason; the prompt's token ids
+and logprobs), `abort`, `errored`, `shutdown`, `vllm.config.StructuredOutputsConfig` and
+`vllm.sampling_params.StructuredOutputsParams`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from llmray_serve.engine import EngineOverloaded, SamplingParams, collect
+from llmray_serve.engine import EngineOverloaded, InvalidParameter, SamplingParams, collect
 from llmray_serve.vllm_engine import VLLMEngine, engine_kind
 
 ANSWER = ["Ray", " is", " a", " framework", "."]
@@ -28,11 +33,29 @@ class _Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    index: int = 0
+    logprobs: list[dict] | None = None
 
 
 @dataclass
 class _Output:
     outputs: list[_Completion]
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] | None = None
+
+
+@dataclass
+class _Logprob:  # vLLM's Logprob
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+def _position(token: int, k: int, top: int) -> dict:
+    """vLLM's logprobs of one position: the top ones, and the chosen token (less likely)."""
+    out = {1000 + r: _Logprob(-0.1 * r, r, f"alt{r}") for r in range(1, top + 1)}
+    out[token] = _Logprob(-1.0 - k, top + 3, ANSWER[k] if k < len(ANSWER) else None)
+    return out
 
 
 @dataclass
@@ -45,10 +68,22 @@ class _FakeEngine:
     async def generate(self, prompt, sampling, request_id):
         self.requests.append((prompt, vars(sampling), request_id))
         limit = min(sampling.max_tokens, len(ANSWER))
+        ids = prompt["prompt_token_ids"]
+        scored = None
+        if sampling.prompt_logprobs is not None:
+            scored = [None] + [_position(t, 0, sampling.prompt_logprobs) for t in ids[1:]]
         for n in range(1, limit + 1):
             await asyncio.sleep(0)
             reason = None if n < limit else ("length" if n == sampling.max_tokens else "stop")
-            yield _Output([_Completion("".join(ANSWER[:n]), list(range(n)), reason)])
+            outputs = []
+            for index in range(sampling.n):
+                tokens = [10 * index + k for k in range(n)]
+                logprobs = None
+                if sampling.logprobs is not None:
+                    logprobs = [_position(t, k, sampling.logprobs) for k, t in enumerate(tokens)]
+                text = "".join(ANSWER[:n])
+                outputs.append(_Completion(text, tokens, reason, index, logprobs))
+            yield _Output(outputs, ids, scored)
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
@@ -74,12 +109,27 @@ def fake_vllm(monkeypatch):
         def __init__(self, **kwargs):
             self.__dict__.update(kwargs)
 
+    @dataclass
+    class StructuredOutputsConfig:
+        backend: str = "auto"
+
+    @dataclass
+    class StructuredOutputsParams:
+        grammar: str | None = None
+
     vllm.AsyncEngineArgs, vllm.AsyncLLMEngine, vllm.SamplingParams = (
         AsyncEngineArgs,
         AsyncLLMEngine,
         SamplingParams,
     )
+    config = types.ModuleType("vllm.config")
+    config.StructuredOutputsConfig = StructuredOutputsConfig
+    sampling_params = types.ModuleType("vllm.sampling_params")
+    sampling_params.StructuredOutputsParams = StructuredOutputsParams
+    vllm.config, vllm.sampling_params = config, sampling_params
     monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_params)
     return vllm
 
 
@@ -110,6 +160,7 @@ async def test_deltas_reassemble_and_params_reach_vllm(fake_vllm, tiny_model) ->
         "max_model_len": 4096,
         "max_num_seqs": 8,
         "enable_prefix_caching": True,
+        "structured_outputs_config": fake_vllm.config.StructuredOutputsConfig("guidance"),
     }
     chunks = [c async for c in engine.generate("Hi", SamplingParams(16, 0.0, 0.5, ("\n",), seed=7))]
     assert "".join(c.text for c in chunks) == "Ray is a framework."
@@ -122,11 +173,18 @@ async def test_deltas_reassemble_and_params_reach_vllm(fake_vllm, tiny_model) ->
     }
     # temperature 0 is greedy: top_p is then meaningless and reset.
     assert sampling == {
+        "n": 1,
         "max_tokens": 16,
         "temperature": 0.0,
         "top_p": 1.0,
         "stop": ["\n"],
         "seed": 7,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "logit_bias": None,
+        "logprobs": None,
+        "prompt_logprobs": None,
+        "structured_outputs": None,
     }
     cut = await collect(engine.generate("Hi", SamplingParams(3, 0.8, 0.9)))
     assert cut.text == "Ray is a" and cut.finish_reason == "length"
@@ -152,3 +210,50 @@ async def test_over_the_limit_is_refused_at_once(fake_vllm, tiny_model) -> None:
     assert engine.healthy()
     engine.close()
     assert not engine.healthy()
+
+
+async def test_every_parameter_reaches_vllms_sampling(fake_vllm, tiny_model) -> None:
+    engine = VLLMEngine(tiny_model)
+    params = SamplingParams(
+        4,
+        1.0,
+        0.9,
+        n=3,
+        logprobs=2,
+        prompt_logprobs=1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias=((5, -100.0), (9, 2.0)),
+        grammar='start: "x"\n',
+    )
+    out = await collect(engine.generate("Hi there", params))
+    sampling = engine.engine.requests[-1][1]
+    assert sampling["n"] == 3 and sampling["logprobs"] == 2 and sampling["prompt_logprobs"] == 1
+    assert (sampling["presence_penalty"], sampling["frequency_penalty"]) == (0.5, -0.5)
+    assert sampling["logit_bias"] == {5: -100.0, 9: 2.0}
+    assert sampling["structured_outputs"] == fake_vllm.sampling_params.StructuredOutputsParams(
+        'start: "x"\n'
+    )
+    # n choices, each whole; logprobs per token with the top 2 best first; prompt scored.
+    assert sorted(out.choices) == [0, 1, 2]
+    assert all(c.text == "Ray is a framework" for c in out.choices.values())
+    assert out.usage.completion_tokens == 12
+    tokens = out.choices[1].logprobs
+    assert [t.id for t in tokens] == [10, 11, 12, 13]
+    assert [t.token for t in tokens] == ANSWER[:4]
+    assert tokens[1].logprob == -2.0 and tokens[1].top == (("alt1", -0.1), ("alt2", -0.2))
+    prompt_ids = engine.prompt_ids("Hi there")
+    scored = out.choices[0].prompt_logprobs
+    assert [t.id for t in scored] == prompt_ids and scored[0].logprob is None
+    assert scored[1].top == (("alt1", -0.1),)
+
+
+async def test_n_beyond_the_replicas_limit_is_a_400_and_bias_is_checked(
+    fake_vllm, tiny_model
+) -> None:
+    engine = VLLMEngine(tiny_model, max_ongoing=4)
+    with pytest.raises(InvalidParameter, match="at most 4 choices"):
+        await anext(engine.generate("Hi", SamplingParams(4, 1.0, 1.0, n=5)))
+    with pytest.raises(InvalidParameter, match="not in this model's vocabulary"):
+        await anext(engine.generate("Hi", SamplingParams(4, 1.0, 1.0, logit_bias=((10**7, 1),))))
+    assert engine._ongoing == 0 and not engine.engine.requests

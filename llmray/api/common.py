@@ -9,9 +9,13 @@ these models.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from llmray.api.quantity import PATTERN as QUANTITY_PATTERN
+from llmray.api.quantity import parse_quantity
 
 GROUP = "llmray.io"  # e.g. apiVersion: llmray.io/v1alpha1
 VERSION = "v1alpha1"
@@ -22,9 +26,6 @@ API_VERSION = f"{GROUP}/{VERSION}"
 URI_SCHEMES = ("hf", "s3", "gs", "pvc", "file")
 URI_PATTERN = r"^((hf|s3|gs|pvc)://[^/\s]+(/\S*)?|file:///\S*|[^:\s]+)$"
 _URI_RE = re.compile(URI_PATTERN)
-# Kubernetes quantity, e.g. "8", "500m", "48Gi".
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
 # Upper bounds on strings, lists and maps. Besides catching mistakes early, they let the
 # apiserver estimate the cost of CEL rules: an unbounded string or list is priced as if it
@@ -54,16 +55,11 @@ def _check_uri(value: str) -> str:
 
 
 def _check_quantity(value: int | str) -> int | str:
-    if isinstance(value, str) and not _QUANTITY_RE.match(value):
-        raise ValueError('must be a Kubernetes quantity such as "8", "500m" or "48Gi"')
+    try:
+        parse_quantity(value)
+    except ValueError:
+        raise ValueError('must be a Kubernetes quantity such as "8", "500m" or "48Gi"') from None
     return value
-
-
-def cpu_cores(quantity: int | str) -> float:
-    """CPU cores of a quantity: 8 -> 8.0, "500m" -> 0.5."""
-    if isinstance(quantity, int):
-        return float(quantity)
-    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 Uri = Annotated[
@@ -140,7 +136,8 @@ class Toleration(Model):
         description="Taint key the toleration applies to.",
     )
     operator: Literal["Exists", "Equal"] | None = Field(
-        default=None, description="Exists or Equal (default Equal)."
+        default=None,
+        description="Exists or Equal (default Equal). Exists without a key tolerates every taint.",
     )
     value: str | None = Field(
         default=None, max_length=LABEL_VALUE_MAX_LENGTH, description="Taint value to match."
@@ -153,19 +150,107 @@ class Toleration(Model):
     )
 
 
+class _KeySelector(Model):
+    name: str = Field(min_length=1, max_length=NAME_MAX_LENGTH, description="Its name.")
+    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH, description="The key to read.")
+    optional: bool | None = Field(
+        default=None, description="Start the pod even when it (or the key) does not exist."
+    )
+
+
+class SecretKeySelector(_KeySelector):
+    """One key of a Secret in the resource's namespace (core/v1 SecretKeySelector)."""
+
+
+class ConfigMapKeySelector(_KeySelector):
+    """One key of a ConfigMap in the resource's namespace (core/v1 ConfigMapKeySelector)."""
+
+
+class ObjectFieldSelector(Model):
+    """A field of the pod itself (core/v1 ObjectFieldSelector)."""
+
+    fieldPath: str = Field(
+        max_length=256,
+        description="e.g. metadata.name, metadata.namespace, status.podIP, spec.nodeName.",
+    )
+    apiVersion: str | None = Field(
+        default=None, max_length=64, description="Version of fieldPath's schema; default v1."
+    )
+
+
+class ResourceFieldSelector(Model):
+    """A resource limit or request of a container (core/v1 ResourceFieldSelector)."""
+
+    resource: str = Field(
+        max_length=64, description="e.g. limits.cpu, requests.memory, limits.ephemeral-storage."
+    )
+    containerName: str | None = Field(
+        default=None, max_length=63, description="The container; default this one."
+    )
+    divisor: Quantity | None = Field(
+        default=None, description='Unit of the value, e.g. "1Mi" for memory in MiB; default 1.'
+    )
+
+
+ENV_SOURCES = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from: exactly one of the four (core/v1 EnvVarSource)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        # The apiserver's form of "exactly one": nulls are pruned before this is checked.
+        json_schema_extra={"minProperties": 1, "maxProperties": 1},
+    )
+
+    secretKeyRef: SecretKeySelector | None = Field(
+        default=None, description="A key of a Secret in the same namespace."
+    )
+    configMapKeyRef: ConfigMapKeySelector | None = Field(
+        default=None, description="A key of a ConfigMap in the same namespace."
+    )
+    fieldRef: ObjectFieldSelector | None = Field(
+        default=None, description="A field of the pod (its name, namespace, IP, node)."
+    )
+    resourceFieldRef: ResourceFieldSelector | None = Field(
+        default=None, description="A resource limit or request of the container."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        if sum(getattr(self, name) is not None for name in ENV_SOURCES) != 1:
+            raise ValueError("set exactly one of " + ", ".join(ENV_SOURCES))
+        return self
+
+
 class EnvVar(Model):
-    """An environment variable (core/v1 EnvVar): a literal value or valueFrom a Secret."""
+    """An environment variable (core/v1 EnvVar): a literal value, or valueFrom a Secret, a
+    ConfigMap, the pod's own fields or the container's resources; not both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        # name + value or name + valueFrom: with three fields, "not both" is at most two.
+        json_schema_extra={"maxProperties": 2},
+    )
 
     name: str = Field(description="Variable name.", min_length=1, max_length=NAME_MAX_LENGTH)
     value: str | None = Field(
         default=None, max_length=ENV_VALUE_MAX_LENGTH, description="Literal value."
     )
-    valueFrom: dict[str, Any] | None = Field(
-        default=None,
-        description="Source for the value (secretKeyRef, configMapKeyRef, fieldRef, ...), as in "
-        "a Pod spec.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    valueFrom: EnvVarSource | None = Field(
+        default=None, description="Where the value comes from, instead of value."
     )
+
+    @model_validator(mode="after")
+    def _value_or_value_from(self) -> EnvVar:
+        if self.value is not None and self.valueFrom is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
 
 
 class Condition(Model):
@@ -179,6 +264,11 @@ class Condition(Model):
     message: str = Field(default="", description="Human-readable detail.")
     lastTransitionTime: str = Field(default="", description="RFC 3339 time of the last change.")
     observedGeneration: int = Field(default=0, description="metadata.generation it reflects.")
+
+
+def condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    """The condition of `type_` in a status's conditions, if there is one."""
+    return next((c for c in conditions if c.type == type_), None)
 
 
 class ObjectMeta(BaseModel):

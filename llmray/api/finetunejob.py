@@ -39,6 +39,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 StrategyType = Literal["ddp", "deepspeed"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+# DeepSpeed's ZeRO stage when strategy.type is deepspeed and zeroStage is unset.
+DEFAULT_ZERO_STAGE = 2
 # A token or module name, e.g. "<ASSISTANT>" or "q_proj".
 ShortString = Annotated[str, Field(max_length=256)]
 
@@ -60,6 +62,12 @@ class BaseModelSource(Model):
         default=None,
         description="Secret with credentials for the model source (e.g. HF_TOKEN, "
         "AWS_ACCESS_KEY_ID); its keys become environment variables of the training pods.",
+    )
+    parameters: int | None = Field(
+        default=None,
+        ge=1,
+        description="Parameter count of the model, e.g. 6738415616: a hint for `llmray plan` "
+        "and the operator's memory sizing when the model's config.json cannot be read.",
     )
 
 
@@ -150,6 +158,38 @@ class Hyperparameters(Model):
     logEverySteps: int = Field(default=1, ge=1, description="Report progress every N steps.")
 
 
+class ZeroTuning(Model):
+    """ZeRO's communication buckets and stage-3 memory limits, in parameters (elements).
+
+    Unset values come from the model's hidden size h, as transformers' DeepSpeed integration
+    does for "auto": reduce bucket h*h, stage-3 prefetch bucket 0.9*h*h, parameters under 10*h
+    never partitioned; stage-3 live parameters and reuse distance: two decoder layers (24*h*h).
+    """
+
+    reduceBucketSize: int | None = Field(
+        default=None, ge=1, description="Gradients reduced per bucket. Unset: h*h."
+    )
+    prefetchBucketSize: int | None = Field(
+        default=None, ge=1, description="ZeRO-3: parameters fetched ahead. Unset: 0.9*h*h."
+    )
+    paramPersistenceThreshold: int | None = Field(
+        default=None,
+        ge=0,
+        description="ZeRO-3: parameters smaller than this stay whole on every rank. Unset: 10*h.",
+    )
+    maxLiveParameters: int | None = Field(
+        default=None,
+        ge=1,
+        description="ZeRO-3: gathered parameters kept at once per rank. Unset: 24*h*h.",
+    )
+    maxReuseDistance: int | None = Field(
+        default=None,
+        ge=0,
+        description="ZeRO-3: a gathered parameter reused within this many parameters is kept. "
+        "Unset: 24*h*h.",
+    )
+
+
 class Strategy(Model):
     """How the model is spread over the workers."""
 
@@ -157,7 +197,9 @@ class Strategy(Model):
         default="ddp", description="ddp (gloo on CPU, nccl on GPU) or deepspeed (ZeRO)."
     )
     zeroStage: Literal[1, 2, 3] | None = Field(
-        default=None, description="DeepSpeed ZeRO stage 1, 2 or 3 (deepspeed only; default 2)."
+        default=None,
+        description="DeepSpeed ZeRO stage 1, 2 or 3 (deepspeed only; default "
+        f"{DEFAULT_ZERO_STAGE}).",
     )
     offloadOptimizer: bool = Field(
         default=False, description="ZeRO: keep optimizer state in host memory (deepspeed only)."
@@ -165,10 +207,15 @@ class Strategy(Model):
     offloadParameters: bool = Field(
         default=False, description="ZeRO-3: keep parameters in host memory (zeroStage 3 only)."
     )
+    zeroTuning: ZeroTuning | None = Field(
+        default=None,
+        description="DeepSpeed ZeRO bucket sizes and stage-3 limits; each unset one is derived "
+        "from the model's hidden size (deepspeed only).",
+    )
 
 
 class Rank0(Model):
-    """Placement of world rank 0, which gathers the full weights at checkpoint time."""
+    """Placement of world rank 0, which writes the final model (one gathered shard at a time)."""
 
     nodeSelector: NodeSelector = Field(
         default_factory=dict,
@@ -177,8 +224,8 @@ class Rank0(Model):
     )
     memory: Quantity | None = Field(
         default=None,
-        description="Memory request of rank 0's pod; unset: estimated from the model size "
-        "(about 4x the model's bytes to consolidate a ZeRO-3 checkpoint).",
+        description="Memory request of rank 0's pod; unset: rank 0's peak host memory as "
+        "`llmray plan` predicts it (training plus the streamed export of the final model).",
     )
 
 
@@ -221,6 +268,15 @@ class Checkpointing(Model):
     )
     everyEpoch: bool = Field(default=True, description="Checkpoint at the end of each epoch.")
     keep: int = Field(default=2, ge=1, description="Checkpoints kept (latest ones).")
+    preemptionGracePeriodSeconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=604800,
+        description="terminationGracePeriodSeconds of the worker pods: a worker told to stop "
+        "(SIGTERM: eviction, a spot node draining) checkpoints at the next step boundary and "
+        "exits within it. Unset: 60 s plus the largest rank's checkpoint share at 100 MiB/s "
+        "(`llmray plan`), or 300 s when the model's size is unknown.",
+    )
 
 
 class Output(Model):
@@ -232,7 +288,10 @@ class Output(Model):
         "Unset: the run's folder under checkpointing.storageUri.",
     )
     mergeLora: bool = Field(
-        default=True, description="lora: merge the adapter into the base weights on export."
+        default=True,
+        description="lora / qlora: merge the adapter into the base weights on export; false: "
+        "the output is the adapter alone (PEFT format, with the tokenizer if training changed "
+        "it), served on the base model through an LLMDeployment's spec.adapters.",
     )
 
 
@@ -292,6 +351,14 @@ class ModelRef(Model):
     """Where the produced model is."""
 
     uri: str = Field(default="", description="URI of the exported model.")
+    adapter: bool = Field(
+        default=False,
+        description="true: uri holds a LoRA adapter only (output.mergeLora false), to serve on "
+        "baseModel.",
+    )
+    baseModel: str = Field(
+        default="", description="The base model an adapter goes on (the job's baseModel.uri)."
+    )
 
 
 class FineTuneJobStatus(Model):

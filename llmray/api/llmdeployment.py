@@ -29,7 +29,23 @@ PLURAL = "llmdeployments"  # e.g. kubectl get llmdeployments
 SHORT_NAME = "llmd"
 
 Engine = Literal["auto", "transformers", "vllm"]
+
+# Generation defaults: spec.generation's, and those of the server's arguments and of the OpenAI
+# ingress (llmray/serve_args.py, serve_image/llmray_serve/ingress.py), which read them here.
+MAX_NEW_TOKENS = 256  # generation: {maxNewTokens: 256}: default and upper bound of max_tokens
+MAX_PROMPT_TOKENS = 2048  # generation: {maxPromptTokens: 2048}: longer prompts get a 400
+TEMPERATURE = 0.7  # generation: {temperature: 0.7}: when a request sends none
+TOP_P = 0.95  # generation: {topP: 0.95}: when a request sends none
 Phase = Literal["Pending", "WaitingForModel", "Deploying", "Ready", "Failed"]
+
+# Adapters (spec.adapters): names are model ids in requests, e.g. "support-v3".
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+ADAPTER_NAME_MAX_LENGTH = 128
+ADAPTERS_MAX_ITEMS = 128
+MAX_LOADED_ADAPTERS = 8  # maxLoadedAdapters: 8, when the spec has adapters and sets none
+# vLLM's max_lora_rank takes these values only (vllm.config.lora.MaxLoRARanks).
+ADAPTER_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MAX_ADAPTER_RANK = 16  # maxAdapterRank: 16, vLLM's default
 
 
 class FineTuneJobRef(Model):
@@ -61,6 +77,34 @@ class ModelSpec(Model):
     )
     secretRef: SecretRef | None = Field(
         default=None, description="Secret with credentials for the model source."
+    )
+
+
+class AdapterSpec(Model):
+    """A LoRA adapter served on the deployment's model: exactly one of uri and fineTuneJobRef."""
+
+    name: str = Field(
+        description="Model id of the adapter in /v1/models and requests, e.g. support-v3.",
+        min_length=1,
+        max_length=ADAPTER_NAME_MAX_LENGTH,
+        pattern=ADAPTER_NAME_PATTERN,
+    )
+    uri: Uri | None = Field(
+        default=None,
+        description="The adapter in PEFT format (adapter_config.json, adapter_model.safetensors): "
+        "hf://, s3://, gs://, pvc://, file:// or a path. Read with spec.model.secretRef.",
+    )
+    fineTuneJobRef: FineTuneJobRef | None = Field(
+        default=None,
+        description="Serve the adapter this FineTuneJob produced (method lora or qlora, "
+        "output.mergeLora false) once it Succeeded; until then the adapter is not listed and "
+        "requests for it get 404 saying why.",
+    )
+    minEvaluation: dict[str, float] | None = Field(
+        default=None,
+        max_length=16,
+        description="Serve the job's adapter only if its status.evaluation scores reach these "
+        "values, e.g. {answer: 0.3} (fineTuneJobRef only).",
     )
 
 
@@ -98,13 +142,15 @@ class Generation(Model):
     """Defaults and limits for generation requests."""
 
     maxNewTokens: int = Field(
-        default=256, ge=1, description="Default and upper bound of max_tokens per request."
+        default=MAX_NEW_TOKENS,
+        ge=1,
+        description="Default and upper bound of max_tokens per request.",
     )
     maxPromptTokens: int = Field(
-        default=2048, ge=1, description="Longer prompts are rejected with HTTP 400."
+        default=MAX_PROMPT_TOKENS, ge=1, description="Longer prompts are rejected with HTTP 400."
     )
-    temperature: float = Field(default=0.7, ge=0, le=2, description="Default temperature.")
-    topP: float = Field(default=0.95, gt=0, le=1, description="Default nucleus sampling top_p.")
+    temperature: float = Field(default=TEMPERATURE, ge=0, le=2, description="Default temperature.")
+    topP: float = Field(default=TOP_P, gt=0, le=1, description="Default nucleus sampling top_p.")
 
 
 class LLMDeploymentSpec(Model):
@@ -127,6 +173,27 @@ class LLMDeploymentSpec(Model):
     generation: Generation = Field(
         default_factory=Generation, description="Generation defaults and limits."
     )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=ADAPTERS_MAX_ITEMS,
+        description="LoRA adapters served on spec.model, each under its own name. Adding, "
+        "removing or changing one updates the running replicas in place (no restart).",
+    )
+    maxLoadedAdapters: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Adapters held in memory per replica (least recently used ones are "
+        f"unloaded); default {MAX_LOADED_ADAPTERS} when spec.adapters is set. Setting it keeps "
+        "adapter support on while the list is empty (adding the first adapter to a deployment "
+        "without either restarts its replicas once). vLLM: max_loras.",
+    )
+    maxAdapterRank: Literal[ADAPTER_RANKS] = Field(  # type: ignore[valid-type]
+        default=MAX_ADAPTER_RANK,
+        description="Highest LoRA rank (r) of an adapter served; vLLM reserves memory for it "
+        "(max_lora_rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512). An adapter of a higher rank "
+        "is refused.",
+    )
     apiKeySecretRef: SecretKeyRef | None = Field(
         default=None, description="Require this bearer token (a Secret key) on every request."
     )
@@ -135,6 +202,18 @@ class LLMDeploymentSpec(Model):
         max_length=IMAGE_MAX_LENGTH,
         description="Server image override; empty: the default.",
     )
+
+
+class AdapterStatus(Model):
+    """One adapter of spec.adapters as the operator last saw it."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    name: str = Field(description="The adapter's name.")
+    ready: bool = Field(default=False, description="Listed and served.")
+    uri: str = Field(default="", description="Where the replicas read it from.")
+    reason: str = Field(default="", description="CamelCase reason when not ready.")
+    message: str = Field(default="", description="Why it is not ready.")
 
 
 class LLMDeploymentStatus(Model):
@@ -152,6 +231,9 @@ class LLMDeploymentStatus(Model):
     rayServiceName: str = Field(default="", description="The RayService serving the model.")
     modelUri: str = Field(default="", description="The model URI being served.")
     endpoint: str = Field(default="", description="OpenAI-compatible base URL (…/v1).")
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list, description="The adapters of spec.adapters, ready or why not."
+    )
 
 
 class LLMDeployment(Model):

@@ -56,7 +56,7 @@ class CrossFieldRule:
 
 def _get(obj: dict[str, Any], dotted: str, default: Any = None) -> Any:
     cur: Any = obj
-    for part in dotted.split("."):
+    for part in filter(None, dotted.split(".")):  # "": the object itself
         if not isinstance(cur, dict) or part not in cur:
             return default
         cur = cur[part]
@@ -94,6 +94,13 @@ FINETUNEJOB_RULES: list[CrossFieldRule] = [
         "!has(self.offloadOptimizer) || !self.offloadOptimizer || "
         "(has(self.type) && self.type == 'deepspeed')",
         lambda s: not s.get("offloadOptimizer") or s.get("type", "ddp") == "deepspeed",
+    ),
+    CrossFieldRule(
+        "spec.strategy",
+        "spec.strategy.zeroTuning",
+        "only allowed when spec.strategy.type is deepspeed",
+        "!has(self.zeroTuning) || (has(self.type) && self.type == 'deepspeed')",
+        lambda s: s.get("zeroTuning") is None or s.get("type", "ddp") == "deepspeed",
     ),
     CrossFieldRule(
         "spec.strategy",
@@ -172,6 +179,48 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         lambda s: not _get(s, "compute.ipex") or _get(s, "compute.accelerator") != "nvidia-gpu",
     ),
     CrossFieldRule(
+        "spec",
+        "spec.adapters",
+        "each adapter sets exactly one of uri and fineTuneJobRef",
+        "!has(self.adapters) || self.adapters.all(a, has(a.uri) != has(a.fineTuneJobRef))",
+        lambda s: all(
+            (a.get("uri") is None) != (a.get("fineTuneJobRef") is None) for a in _adapters(s)
+        ),
+    ),
+    CrossFieldRule(
+        "spec",
+        "spec.adapters",
+        "adapter names must be unique",
+        "!has(self.adapters) || "
+        "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+        lambda s: len({a.get("name") for a in _adapters(s)}) == len(_adapters(s)),
+    ),
+    CrossFieldRule(
+        "spec",
+        "spec.adapters",
+        "minEvaluation is only allowed with fineTuneJobRef (it gates the job's scores)",
+        "!has(self.adapters) || self.adapters.all(a, !has(a.minEvaluation) || "
+        "has(a.fineTuneJobRef))",
+        lambda s: all(
+            a.get("minEvaluation") is None or a.get("fineTuneJobRef") is not None
+            for a in _adapters(s)
+        ),
+    ),
+    # At the root: the served name defaults to metadata.name (the only metadata CEL may read
+    # besides generateName).
+    CrossFieldRule(
+        "",
+        "spec.adapters",
+        "an adapter may not take the served model's name (spec.model.servedName, default "
+        "metadata.name)",
+        "!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != "
+        "(has(self.spec.model.servedName) ? self.spec.model.servedName : self.metadata.name))",
+        lambda o: all(
+            a.get("name") != (_get(o, "spec.model.servedName") or _get(o, "metadata.name"))
+            for a in _adapters(o.get("spec"))
+        ),
+    ),
+    CrossFieldRule(
         "spec.scaling",
         "spec.scaling.minReplicas",
         "must not exceed spec.scaling.maxReplicas",
@@ -183,6 +232,12 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         ),
     ),
 ]
+
+
+def _adapters(spec: Any) -> list[dict[str, Any]]:
+    """spec.adapters' entries that are objects (the schema check reports the others)."""
+    items = spec.get("adapters") if isinstance(spec, dict) else None
+    return [a for a in items if isinstance(a, dict)] if isinstance(items, list) else []
 
 
 def _message(err: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@
     RayJob         any event (label managed-by=llmray)       -> pass on its FineTuneJob
     RayService     any event (label managed-by=llmray)       -> pass on its LLMDeployment
     FineTuneJob    any event                                 -> pass on LLMDeployments using it
+                                                                (as their model or an adapter)
     resync task    every LLMRAY_PROGRESS_SECONDS / LLMRAY_RESYNC_SECONDS
                                                              -> running jobs / all deployments
 
@@ -23,31 +24,31 @@ from typing import Any
 
 import kopf
 
-from llmray.api.common import GROUP, VERSION
-from llmray_operator.kube import KubeApi
+from llmray_operator.kube import ApiError, KubeApi
 from llmray_operator.metrics import PHASES
-from llmray_operator.names import FINETUNEJOB_LABEL, LLMDEPLOYMENT_LABEL, MANAGED_BY
+from llmray_operator.names import FINETUNEJOB_LABEL, LLMDEPLOYMENT_LABEL, MANAGED_BY, PREFIX
 from llmray_operator.reconcile import Reconciler
+from llmray_operator.resources import FINETUNEJOBS, LLMDEPLOYMENTS, RAYJOBS, RAYSERVICES
 from llmray_operator.settings import Settings
 from llmray_operator.status import TERMINAL
 
-FTJ = (GROUP, VERSION, "finetunejobs")
-LLMD = (GROUP, VERSION, "llmdeployments")
-RAYJOBS = ("ray.io", "v1", "rayjobs")
-RAYSERVICES = ("ray.io", "v1", "rayservices")
-# A pass that failed (API unreachable, a conflict) is retried after this long, not at once.
+FTJ = FINETUNEJOBS.gvr  # e.g. ("llmray.io", "v1alpha1", "finetunejobs")
+LLMD = LLMDEPLOYMENTS.gvr
+# A pass that failed (API unreachable, throttled, a server error) is retried after this long,
+# not at once; after a conflict (someone else wrote first) sooner.
 RETRY_SECONDS = 10
+CONFLICT_RETRY_SECONDS = 1
 log = logging.getLogger("llmray.operator")
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's own bookkeeping under our prefix, in annotations, never in status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llmray.io")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="llmray.io", key="last-handled-configuration"
+        prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = "llmray.io/finalizer"
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
     # Only the events we post explicitly (phase transitions, children created).
     settings.posting.loggers = False
     # Serve exactly the namespaces given (or all) and the resources present at start: no
@@ -114,6 +115,19 @@ def _reconciler(memo: kopf.Memo) -> Reconciler:
     return memo.reconciler
 
 
+async def _pass(pass_) -> None:
+    """Run one pass; an API answer worth retrying (a conflict, throttling, a server error)
+    becomes kopf's TemporaryError: retried after a delay, logged as one line."""
+    try:
+        await pass_
+    except ApiError as exc:
+        if exc.status == 409:
+            raise kopf.TemporaryError(str(exc), delay=CONFLICT_RETRY_SECONDS) from exc
+        if exc.status in (0, 429) or exc.status >= 500:
+            raise kopf.TemporaryError(str(exc), delay=RETRY_SECONDS) from exc
+        raise
+
+
 # --- FineTuneJob ----------------------------------------------------------------------
 
 
@@ -121,23 +135,26 @@ def _reconciler(memo: kopf.Memo) -> Reconciler:
 @kopf.on.create(*FTJ, backoff=RETRY_SECONDS)
 @kopf.on.update(*FTJ, backoff=RETRY_SECONDS)
 async def finetunejob_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).finetunejob(namespace, name)
+    await _pass(_reconciler(memo).finetunejob(namespace, name))
 
 
-@kopf.on.event(*RAYJOBS, labels=MANAGED_BY)
+@kopf.on.event(*RAYJOBS.gvr, labels=MANAGED_BY)
 async def rayjob_event(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, event: dict[str, Any], **_: Any
 ) -> None:
     owner = labels.get(FINETUNEJOB_LABEL)
     if owner and event.get("type") != "DELETED":
-        await _reconciler(memo).finetunejob(namespace, owner)
+        await _pass(_reconciler(memo).finetunejob(namespace, owner))
 
 
 @kopf.index(*LLMD)
 def llmdeployments_by_job(namespace: str, name: str, spec: dict[str, Any], **_: Any):
-    """LLMDeployments waiting on (or serving) each FineTuneJob: {(ns, job): [deployment]}."""
-    ref = (spec.get("model") or {}).get("fineTuneJobRef") or {}
-    return {(namespace, ref["name"]): name} if ref.get("name") else None
+    """LLMDeployments waiting on (or serving) each FineTuneJob, as their model or as one of
+    their adapters: {(ns, job): [deployment]}."""
+    refs = [(spec.get("model") or {}).get("fineTuneJobRef") or {}]
+    refs += [(a or {}).get("fineTuneJobRef") or {} for a in spec.get("adapters") or []]
+    jobs = {ref["name"] for ref in refs if isinstance(ref, dict) and ref.get("name")}
+    return {(namespace, job): name for job in sorted(jobs)} or None
 
 
 @kopf.on.event(*FTJ)
@@ -156,7 +173,7 @@ async def finetunejob_event(
     else:
         memo.jobs[(namespace, name)] = status.get("phase")
     for deployment in llmdeployments_by_job.get((namespace, name), []):
-        await _reconciler(memo).llmdeployment(namespace, deployment)
+        await _pass(_reconciler(memo).llmdeployment(namespace, deployment))
 
 
 # --- LLMDeployment --------------------------------------------------------------------
@@ -166,16 +183,16 @@ async def finetunejob_event(
 @kopf.on.create(*LLMD, backoff=RETRY_SECONDS)
 @kopf.on.update(*LLMD, backoff=RETRY_SECONDS)
 async def llmdeployment_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).llmdeployment(namespace, name)
+    await _pass(_reconciler(memo).llmdeployment(namespace, name))
 
 
-@kopf.on.event(*RAYSERVICES, labels=MANAGED_BY)
+@kopf.on.event(*RAYSERVICES.gvr, labels=MANAGED_BY)
 async def rayservice_event(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, event: dict[str, Any], **_: Any
 ) -> None:
     owner = labels.get(LLMDEPLOYMENT_LABEL)
     if owner and event.get("type") != "DELETED":
-        await _reconciler(memo).llmdeployment(namespace, owner)
+        await _pass(_reconciler(memo).llmdeployment(namespace, owner))
 
 
 @kopf.on.event(*LLMD)

@@ -1,41 +1,25 @@
 """The few Kubernetes API calls the operator makes, over kr8s (kubeconfig or in-cluster).
 
 Each method is one request with one RBAC verb; the Helm chart's ClusterRole grants exactly
-these (tests/test_operator_rbac.py checks it against the request log of a real run).
+these (`rbac.py`; tests/test_operator_integration.py checks them against the request log of
+a real run).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
+import jsonpointer
 import kr8s
 import kr8s.asyncio
 
-
-@dataclass(frozen=True)
-class Resource:
-    group: str  # "" for the core API
-    version: str
-    plural: str
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
+from llmray_operator.resources import CHILDREN, PODS, Resource
 
 
-FINETUNEJOBS = Resource("llmray.io", "v1alpha1", "finetunejobs")
-LLMDEPLOYMENTS = Resource("llmray.io", "v1alpha1", "llmdeployments")
-RAYJOBS = Resource("ray.io", "v1", "rayjobs")
-RAYSERVICES = Resource("ray.io", "v1", "rayservices")
-CONFIGMAPS = Resource("", "v1", "configmaps")
-PODS = Resource("", "v1", "pods")
-RESOURCES_BY_KIND = {
-    "ConfigMap": CONFIGMAPS,
-    "RayJob": RAYJOBS,
-    "RayService": RAYSERVICES,
-}
+def _pointer(*parts: str) -> str:
+    """A JSON pointer (RFC 6901) to a field of an object, escaped by jsonpointer."""
+    return jsonpointer.JsonPointer.from_parts(parts).path
 
 
 class ApiError(Exception):
@@ -99,7 +83,7 @@ class KubeApi:
     async def ensure(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the object, created?): an existing one with the same name is returned as it is,
         so a restarted operator or a concurrent pass never duplicates a child."""
-        res = RESOURCES_BY_KIND[obj["kind"]]
+        res = CHILDREN[obj["kind"]]
         meta = obj["metadata"]
         existing = await self.get(res, meta["namespace"], meta["name"])
         if existing is not None:
@@ -124,15 +108,16 @@ class KubeApi:
         """Set the whole spec of `existing` (a JSON patch `replace`: fields we dropped go away
         too) and merge `annotations` into its own."""
         meta = existing["metadata"]
-        ops: list[dict[str, Any]] = [{"op": "replace", "path": "/spec", "value": spec}]
+        ops: list[dict[str, Any]] = [{"op": "replace", "path": _pointer("spec"), "value": spec}]
         if "annotations" not in meta:
-            ops.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
+            ops.append(
+                {"op": "add", "path": _pointer("metadata", "annotations"), "value": annotations}
+            )
         else:
             for key, value in annotations.items():
-                escaped = key.replace("~", "~0").replace("/", "~1")
-                ops.append(
-                    {"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value}
-                )
+                # e.g. /metadata/annotations/llmray.io~1spec-hash
+                path = _pointer("metadata", "annotations", key)
+                ops.append({"op": "add", "path": path, "value": value})
         return await self._call(
             "PATCH",
             res,

@@ -8,8 +8,12 @@ import hashlib
 # over 47 characters.
 RAY_NAME_MAX = 47
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llmray"}
-FINETUNEJOB_LABEL = "llmray.io/finetunejob"  # e.g. llmray.io/finetunejob: gsm8k-7b
-LLMDEPLOYMENT_LABEL = "llmray.io/llmdeployment"
+# Of our label and annotation keys, e.g. llmray.io/spec-hash, and kopf's bookkeeping
+# annotations, e.g. llmray.io/last-handled-configuration.
+PREFIX = "llmray.io"
+FINETUNEJOB_LABEL = f"{PREFIX}/finetunejob"  # e.g. llmray.io/finetunejob: gsm8k-7b
+LLMDEPLOYMENT_LABEL = f"{PREFIX}/llmdeployment"  # e.g. llmray.io/llmdeployment: gsm8k-7b
+COMPONENT_LABEL = f"{PREFIX}/component"  # on Ray pods, e.g. llmray.io/component: finetune
 
 
 def ray_name(name: str) -> str:
@@ -43,4 +47,4 @@ def volume_name(prefix: str, claim: str) -> str:
 
 def pod_labels(owner_label: str, owner: str, component: str) -> dict[str, str]:
     """Labels of Ray pods: KubeRay owns the app.kubernetes.io/* ones there."""
-    return {owner_label: owner, "llmray.io/component": component}
+    return {owner_label: owner, COMPONENT_LABEL: component}

@@ -6,10 +6,10 @@ from typing import Any
 
 from llmray import uris
 from llmray.api.common import EnvVar, Resources, SecretRef, Toleration
+from llmray_operator import security
 from llmray_operator.names import volume_name
+from llmray_operator.settings import Settings
 
-SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
-SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}  # NCCL, gloo and DataLoader use it
 CACHE_DIR = "/tmp/llmray"  # downloads and converted models, an emptyDir per pod
 CACHE_VOLUME = {"name": "llmray-cache", "emptyDir": {}}
 CACHE_MOUNT = {"name": "llmray-cache", "mountPath": CACHE_DIR}
@@ -18,7 +18,10 @@ HEAD_PORTS = [
     {"name": "dashboard", "containerPort": 8265},
     {"name": "client", "containerPort": 10001},
 ]
-SERVE_PORT = {"name": "serve", "containerPort": 8000}
+# Ray Serve's HTTP port on every serving pod (HAProxy or Ray's proxy listens there); KubeRay's
+# <rayservice>-serve-svc forwards to the container port named "serve".
+SERVE_PORT = 8000
+SERVE_CONTAINER_PORT = {"name": "serve", "containerPort": SERVE_PORT}
 
 
 def pvc_claims(uri_values: list[str | None]) -> list[str]:
@@ -32,13 +35,21 @@ def pvc_claims(uri_values: list[str | None]) -> list[str]:
     return claims
 
 
-def pvc_volumes(claims: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Volumes and mounts so that pvc://CLAIM/path is $LLMRAY_PVC_ROOT/CLAIM/path in the pod."""
+def pvc_volumes(
+    inputs: list[str | None], outputs: list[str | None] = ()
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts so that pvc://CLAIM/path is $LLMRAY_PVC_ROOT/CLAIM/path in the pod.
+    A claim only read from (`inputs`: the base model, the dataset) is mounted read-only; one
+    written to (`outputs`: checkpoints, the model) is writable, also when it is read too."""
+    writable = set(pvc_claims(list(outputs)))
     volumes, mounts = [], []
-    for claim in claims:
+    for claim in pvc_claims([*inputs, *outputs]):
         name = volume_name("pvc", claim)
         volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": name, "mountPath": f"{uris.DEFAULT_PVC_ROOT}/{claim}"})
+        mount: dict[str, Any] = {"name": name, "mountPath": f"{uris.DEFAULT_PVC_ROOT}/{claim}"}
+        if claim not in writable:
+            mount["readOnly"] = True
+        mounts.append(mount)
     return volumes, mounts
 
 
@@ -61,7 +72,8 @@ def worker_resources(res: Resources, device_resource: str | None) -> dict[str, A
 
 
 def env_list(fixed: dict[str, str], user: list[EnvVar] = ()) -> list[dict[str, Any]]:
-    """Fixed variables first; the user's spec.env last, so theirs win (later entries do)."""
+    """The operator's variables, then the user's spec.env (which may not repeat a name of
+    the first: `policy.env_errors`)."""
     out = [{"name": k, "value": v} for k, v in sorted(fixed.items())]
     out += [var.model_dump(exclude_none=True) for var in user]
     return out
@@ -86,6 +98,7 @@ def container(
     resources: dict[str, Any],
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]] | None = None,
+    lifecycle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": name,
@@ -99,6 +112,8 @@ def container(
         c["envFrom"] = env_from
     if ports:
         c["ports"] = ports
+    if lifecycle:
+        c["lifecycle"] = lifecycle
     return c
 
 
@@ -106,11 +121,41 @@ def pod_template(
     *,
     container: dict[str, Any],
     volumes: list[dict[str, Any]],
+    settings: Settings,
     node_selector: dict[str, str] | None = None,
     tolerations_: list[dict[str, Any]] | None = None,
     labels: dict[str, str] | None = None,
+    restart_policy: str | None = None,
+    termination_grace_seconds: int | None = None,
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    """A Ray pod: `container` with the scratch volumes, the security contexts of PodSecurity
+    "restricted" (security.py), the ServiceAccount and the image pull secrets of every Ray pod
+    (chart rayPods.*)."""
+    memory = container["resources"].get("limits", {}).get("memory")
+    scratch_volumes, scratch_mounts = security.scratch(memory)
+    container = {
+        **container,
+        "volumeMounts": [*scratch_mounts, *container["volumeMounts"]],
+        "securityContext": security.container_security_context(
+            settings.ray_fixed_user, settings.ray_read_only_root_filesystem
+        ),
+    }
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [*scratch_volumes, *volumes],
+        "securityContext": security.pod_security_context(settings.ray_fixed_user),
+        # Ray never calls the Kubernetes API: no token unless a ServiceAccount was named (for
+        # workload identity, whose clients read the token).
+        "automountServiceAccountToken": bool(settings.ray_service_account),
+    }
+    if settings.ray_service_account:
+        spec["serviceAccountName"] = settings.ray_service_account
+    if settings.ray_image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in settings.ray_image_pull_secrets]
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if termination_grace_seconds is not None:
+        spec["terminationGracePeriodSeconds"] = termination_grace_seconds
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
     if tolerations_:
@@ -119,14 +164,3 @@ def pod_template(
     if labels:
         template["metadata"] = {"labels": dict(labels)}
     return template
-
-
-def apply_pod_settings(cluster: dict[str, Any], service_account: str, pull_secrets) -> None:
-    """The ServiceAccount and image pull secrets of every Ray pod (head and all groups)."""
-    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
-    for group in groups:
-        spec = group["template"]["spec"]
-        if service_account:
-            spec["serviceAccountName"] = service_account
-        if pull_secrets:
-            spec["imagePullSecrets"] = [{"name": name} for name in pull_secrets]

@@ -14,24 +14,28 @@ from collections.abc import Callable
 from typing import Any
 
 from llmray import progress as progress_lines
+from llmray.adapters import referenced_jobs, resolve_adapters
+from llmray.api.common import condition
+from llmray.api.finetunejob import FineTuneJobStatus, ModelRef
 from llmray.api.validation import SpecError, parse_finetunejob, parse_llmdeployment
-from llmray_operator import rayjob, rayservice
-from llmray_operator.kube import (
+from llmray.serve_args import AdapterArgs
+from llmray.trainer_config import TrainerConfig, produced_model
+from llmray_operator import rayjob, rayservice, sizing
+from llmray_operator.kube import ApiError, KubeApi
+from llmray_operator.metrics import PHASES, RECONCILE_SECONDS, RECONCILES
+from llmray_operator.names import config_map_name, ray_name
+from llmray_operator.owner import Owner
+from llmray_operator.resources import (
+    CONFIGMAPS,
     FINETUNEJOBS,
     LLMDEPLOYMENTS,
     RAYJOBS,
     RAYSERVICES,
-    ApiError,
-    KubeApi,
 )
-from llmray_operator.metrics import PHASES, RECONCILE_SECONDS, RECONCILES
-from llmray_operator.names import ray_name
-from llmray_operator.owner import Owner
 from llmray_operator.settings import Settings
 from llmray_operator.status import (
     TERMINAL,
     Verdict,
-    condition,
     finetunejob_status,
     llmdeployment_status,
     rayservice_verdict,
@@ -132,24 +136,39 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # children go with it (ownerReferences)
         previous = body.get("status") or {}
-        invalid = children = None
-        try:
-            job = parse_finetunejob(_resource(body))
-            children = rayjob.build(job, Owner.of(body), self.settings)
-        except SpecError as exc:
-            invalid = _spec_error(exc)
-        ray_status = progress = None
+        if previous.get("phase") in TERMINAL:
+            # Finished: its status is final, and nothing is re-created (that would train
+            # again) or re-judged (a changed setting must not fail a job that succeeded).
+            return previous
         job_name = ray_name(name)
-        if children is not None:
-            if previous.get("phase") in TERMINAL:
-                # Done: never re-create a deleted RayJob (that would train again).
-                ray_job = await self.api.get(RAYJOBS, namespace, job_name)
+        ray_job = await self.api.get(RAYJOBS, namespace, job_name)
+        invalid = model = fit = None
+        if ray_job is None:
+            # Not submitted yet: the spec is judged against this operator's settings now.
+            try:
+                job = parse_finetunejob(_resource(body))
+                children = rayjob.build(job, Owner.of(body), self.settings)
+            except SpecError as exc:
+                invalid = _spec_error(exc)
             else:
+                # Warned before the RayJob exists; the job still runs: a plan is a prediction.
+                misses = sizing.wont_fit(children.plan)
+                if misses is not None:
+                    self.emit(body, "Warning", "WontFit", misses)
+                if children.plan is not None:
+                    fit = (misses is not None, misses or "the memory plan fits every worker")
                 await self.api.ensure(children.config_map)
                 ray_job, created = await self.api.ensure(children.ray_job)
                 if created:
                     self.emit(body, "Normal", "Created", f"RayJob {job_name} created")
-            ray_status = (ray_job or {}).get("status")
+                model = produced_model(children.trainer_config)
+        ray_status = progress = None
+        if ray_job is not None:
+            # Submitted: follow the RayJob, whatever the settings say now; the model is
+            # where the trainer's config (the ConfigMap it runs with) says it goes.
+            ray_status = ray_job.get("status")
+            if model is None:
+                model = await self._produced(namespace, name)
             if (ray_status or {}).get("jobDeploymentStatus") in _PROGRESS_STATES:
                 progress = await self._progress(namespace, job_name)
         status = finetunejob_status(
@@ -158,12 +177,24 @@ class Reconciler:
             now=self.now(),
             ray_job_name=job_name,
             ray_status=ray_status,
-            model_uri=children.trainer_config.output_uri if children else "",
+            model_uri=model.uri if model else "",
+            adapter_base=model.baseModel if model else "",
             progress=progress,
             invalid=invalid,
+            wont_fit=fit,
         )
         await self._write(FINETUNEJOBS, body, previous, status)
         return status
+
+    async def _produced(self, namespace: str, name: str) -> ModelRef | None:
+        """What the trainer config the RayJob runs with produces (None if it is gone)."""
+        config_map = await self.api.get(CONFIGMAPS, namespace, config_map_name(name))
+        text = ((config_map or {}).get("data") or {}).get(rayjob.CONFIG_KEY)
+        try:
+            return produced_model(TrainerConfig.model_validate_json(text)) if text else None
+        except ValueError as exc:  # edited by hand: report no model rather than fail the pass
+            log.warning("ConfigMap %s/%s: %s", namespace, config_map_name(name), exc)
+            return None
 
     async def _progress(self, namespace: str, job_name: str) -> dict[str, Any] | None:
         """The trainer's last progress record, from the driver output in the submitter's log.
@@ -184,11 +215,13 @@ class Reconciler:
         previous = body.get("status") or {}
         service_name = model_uri = ""
         rs_status = None
+        adapters: list[AdapterArgs] = []
         try:
             dep = parse_llmdeployment(_resource(body))
             verdict, model_uri = await self._model(namespace, dep)
+            adapters = await self._adapters(namespace, dep, model_uri)
             if model_uri:
-                desired = rayservice.build(dep, Owner.of(body), model_uri, self.settings)
+                desired = rayservice.build(dep, Owner.of(body), model_uri, self.settings, adapters)
                 service_name = desired["metadata"]["name"]
                 rs_status = await self._converge_service(body, desired)
                 verdict = rayservice_verdict(rs_status)
@@ -203,6 +236,7 @@ class Reconciler:
             model_uri=model_uri,
             endpoint=rayservice.endpoint(name, namespace, self.settings),
             rs_status=rs_status,
+            adapters=adapters,
         )
         await self._write(LLMDEPLOYMENTS, body, previous, status)
         return status
@@ -217,24 +251,31 @@ class Reconciler:
             return Verdict(
                 "WaitingForModel", "FineTuneJobNotFound", f"FineTuneJob {ref.name} does not exist"
             ), ""
-        st = job.get("status") or {}
-        phase = st.get("phase") or "Pending"
+        st = FineTuneJobStatus.model_validate(job.get("status") or {})
+        phase = st.phase
         if phase == "Failed":
-            failed = condition(st, "Failed")
+            failed = condition(st.conditions, "Failed")
             return Verdict(
                 "Failed",
                 "ModelFailed",
-                f"FineTuneJob {ref.name} failed: {failed.get('reason', '')}: "
-                f"{failed.get('message', '')}",
+                f"FineTuneJob {ref.name} failed: {failed.reason if failed else ''}: "
+                f"{failed.message if failed else ''}",
             ), ""
-        uri = (st.get("model") or {}).get("uri") or ""
-        if phase == "Succeeded" and uri:
-            return Verdict("Deploying", "Creating"), uri
+        if phase == "Succeeded" and st.model.uri:
+            return Verdict("Deploying", "Creating"), st.model.uri
         return Verdict(
             "WaitingForModel",
             f"FineTuneJob{phase}",
             f"waiting for FineTuneJob {ref.name} ({phase})",
         ), ""
+
+    async def _adapters(self, namespace: str, dep, model_uri: str) -> list[AdapterArgs]:
+        """spec.adapters resolved against the FineTuneJobs they reference, as they are now."""
+        jobs = {}
+        for job in referenced_jobs(dep):
+            body = await self.api.get(FINETUNEJOBS, namespace, job)
+            jobs[job] = None if body is None else body.get("status") or {}
+        return resolve_adapters(dep, jobs, model_uri)
 
     async def _converge_service(
         self, body: dict[str, Any], desired: dict[str, Any]
@@ -266,14 +307,11 @@ class Reconciler:
                 raise
         before, after = previous.get("phase"), status["phase"]
         if before != after:
-            failed = after == "Failed"
-            reason = condition(status, "Failed").get("reason", after) if failed else after
-            message = (
-                condition(status, "Failed").get("message", "")
-                if failed
-                else f"{body['kind']} is {after}"
-            )
-            self.emit(body, "Warning" if failed else "Normal", reason, message)
+            if after == "Failed":  # both kinds always carry a Failed condition
+                failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+                self.emit(body, "Warning", failed["reason"], failed["message"])
+            else:
+                self.emit(body, "Normal", after, f"{body['kind']} is {after}")
             log.info(
                 "%s %s/%s: %s -> %s", body["kind"], meta["namespace"], meta["name"], before, after
             )

@@ -6,10 +6,20 @@ future value maps to a non-terminal phase with its name as the reason, never to 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmray.adapters import BASE_MISMATCH, BELOW_MIN, FAILED, NO_SCORE, NOT_AN_ADAPTER, NOT_FOUND
+from llmray.api.common import Condition, condition
+from llmray.api.finetunejob import FineTuneJobStatus, ModelRef, Progress
+from llmray.api.llmdeployment import AdapterStatus, LLMDeploymentStatus
+from llmray.progress import failure_of, progress_of
+from llmray.serve_args import AdapterArgs
+
 TERMINAL = ("Succeeded", "Failed")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ def rayjob_verdict(ray_status: dict[str, Any] | None) -> Verdict:
     job = st.get("jobStatus") or ""
     reason = st.get("reason") or ""
     message = st.get("message") or ""
+    message = failure_of(message) or message  # the trainer's words when it stopped on an error
     if deployment in ("Failed", "ValidationFailed"):
         return Verdict("Failed", reason or deployment, message or f"RayJob {deployment}")
     if job == "SUCCEEDED":
@@ -63,66 +74,94 @@ def finetunejob_status(
     ray_job_name: str,
     ray_status: dict[str, Any] | None,
     model_uri: str,
+    adapter_base: str = "",
     progress: dict[str, Any] | None = None,
     invalid: str | None = None,
+    wont_fit: tuple[bool, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole FineTuneJob status. `invalid`: the message of a spec the cluster cannot run.
+    """The whole FineTuneJob status (the `FineTuneJobStatus` model, dumped as the API stores
+    it). `progress`: the trainer's last progress record; `invalid`: the message of a spec the
+    cluster cannot run (only judged before the RayJob exists: see `reconcile`); `model_uri`:
+    where the trainer was told to write the model (`adapter_base`: the base model, when that
+    is an adapter only); `wont_fit`: the memory plan's verdict
+    (True and the misses, False: it fits), judged with `invalid` before the RayJob exists,
+    None afterwards (the condition stays as judged then).
 
-    Never regresses: a terminal phase stays, times and progress are kept when a child no
-    longer reports them (KubeRay deletes the Ray cluster after the job, not the RayJob).
+    Never regresses: a Succeeded or Failed status is final, as written when the job finished
+    (no later spec check, operator setting or child status changes it, so `model.uri` stays
+    what the LLMDeployments referencing it serve); times and progress are kept when a child
+    no longer reports them (KubeRay deletes the Ray cluster after the job, not the RayJob).
     """
-    prev_phase = previous.get("phase") or "Pending"
+    before = FineTuneJobStatus.model_validate(previous)
+    if before.phase in TERMINAL:
+        return dump(before)
     st = ray_status or {}
     if invalid is not None:
         verdict = Verdict("Failed", "InvalidSpec", invalid)
-    elif prev_phase in TERMINAL:
-        kept = condition(previous, prev_phase)
-        verdict = Verdict(prev_phase, kept.get("reason") or prev_phase, kept.get("message") or "")
     else:
         verdict = rayjob_verdict(ray_status)
-    out: dict[str, Any] = {
-        "phase": verdict.phase,
-        "observedGeneration": generation,
-        "rayJobName": "" if invalid else ray_job_name,
-        "dashboardURL": st.get("dashboardURL") or previous.get("dashboardURL", ""),
-        "startTime": previous.get("startTime") or st.get("startTime") or "",
-        "completionTime": previous.get("completionTime") or "",
-        "progress": dict(previous.get("progress") or {}),
-        "latestCheckpoint": previous.get("latestCheckpoint", ""),
-        "model": dict(previous.get("model") or {"uri": ""}),
-    }
-    if verdict.phase != "Pending" and not out["startTime"]:
-        out["startTime"] = now
-    if verdict.phase in TERMINAL and not out["completionTime"]:
-        out["completionTime"] = st.get("endTime") or now
+    start_time = before.startTime or st.get("startTime") or ""
+    if verdict.phase != "Pending" and not start_time:
+        start_time = now
+    completion_time = before.completionTime
+    if verdict.phase in TERMINAL and not completion_time:
+        completion_time = st.get("endTime") or now
+    progress_fields = before.progress.model_dump(exclude_unset=True)
+    latest_checkpoint = before.latestCheckpoint
     if progress:
-        out["progress"].update(
-            {k: progress[k] for k in _PROGRESS_KEYS if progress.get(k) is not None}
-        )
+        progress_fields.update(progress_of(progress).model_dump(exclude_unset=True))
         if progress.get("checkpoint"):
-            out["latestCheckpoint"] = progress["checkpoint"]
-    if verdict.phase == "Succeeded":
-        out["model"] = {"uri": model_uri}
-    running = verdict.phase == "Running"
-    out["conditions"] = conditions(
-        previous.get("conditions") or [],
-        [
-            ("Running", running, verdict.reason, verdict.message),
-            ("Succeeded", verdict.phase == "Succeeded", verdict.reason, verdict.message),
-            ("Failed", verdict.phase == "Failed", verdict.reason, verdict.message),
-        ],
-        now=now,
-        generation=generation,
+            latest_checkpoint = str(progress["checkpoint"])
+    produced = (
+        ModelRef(uri=model_uri, adapter=True, baseModel=adapter_base)
+        if adapter_base
+        else ModelRef(uri=model_uri)
     )
-    return out
+    model = produced if verdict.phase == "Succeeded" else before.model
+    status = FineTuneJobStatus(
+        phase=verdict.phase,
+        observedGeneration=generation,
+        rayJobName="" if invalid else ray_job_name,
+        dashboardURL=st.get("dashboardURL") or before.dashboardURL,
+        startTime=start_time,
+        completionTime=completion_time,
+        progress=Progress.model_validate(progress_fields),
+        latestCheckpoint=latest_checkpoint,
+        model=ModelRef.model_validate(
+            model.model_dump(include={"uri"} | model.model_fields_set)
+        ),  # uri even when empty; adapter and baseModel for an adapter
+        conditions=conditions(
+            before.conditions,
+            [
+                ("Running", verdict.phase == "Running", verdict.reason, verdict.message),
+                ("Succeeded", verdict.phase == "Succeeded", verdict.reason, verdict.message),
+                ("Failed", verdict.phase == "Failed", verdict.reason, verdict.message),
+            ],
+            now=now,
+            generation=generation,
+        )
+        + _wont_fit(before.conditions, wont_fit, now=now, generation=generation),
+    )
+    return dump(status)
 
 
-_PROGRESS_KEYS = ("epoch", "step", "totalSteps", "trainLoss", "evalLoss", "tokensPerSecond")
+def _wont_fit(
+    previous: Sequence[Condition], wont_fit: tuple[bool, str] | None, *, now: str, generation: int
+) -> list[Condition]:
+    """The WontFit condition: a prediction, never a failure (InvalidSpec is for certainties)."""
+    if wont_fit is None:
+        old = condition(previous, "WontFit")
+        return [] if old is None else [old]
+    misses, message = wont_fit
+    reason = "WontFit" if misses else "Fits"
+    return conditions(
+        previous, [("WontFit", misses, reason, message)], now=now, generation=generation
+    )
 
 
-def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    """The condition of `type_` in a status, or {}."""
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+def dump(status: FineTuneJobStatus | LLMDeploymentStatus) -> dict[str, Any]:
+    """A status as JSON: the fields this pass set (progress keys never reported stay out)."""
+    return status.model_dump(mode="json", exclude_unset=True)
 
 
 # --- LLMDeployment <- RayService (or the referenced FineTuneJob) ------------------------
@@ -141,9 +180,7 @@ def rayservice_verdict(rs_status: dict[str, Any] | None) -> Verdict:
     pending_apps = (st.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}
     for name, app in {**apps, **pending_apps}.items():
         if app.get("status") == "DEPLOY_FAILED":
-            return Verdict(
-                "Failed", "DeployFailed", f"application {name}: {app.get('message', '')}"
-            )
+            return Verdict("Failed", "DeployFailed", deploy_failure(name, app))
     if true("Suspended") or true("Suspending"):
         return Verdict("Pending", "Suspended" if true("Suspended") else "Suspending")
     if true("Ready") or (not ready and st.get("serviceStatus") == "Running"):
@@ -158,6 +195,22 @@ def rayservice_verdict(rs_status: dict[str, Any] | None) -> Verdict:
     return Verdict("Deploying", ready.get("reason") or "Initializing", ready.get("message", ""))
 
 
+def deploy_failure(name: str, app: dict[str, Any]) -> str:
+    """Why an application failed. Serve's own message says only "Failed to update the
+    deployments ['llm']." (the KubeRay replay showed it): the reason is the last line of the
+    failed deployment's message (the replica's exception), so that goes in too."""
+    parts = [f"application {name}: {app.get('message', '')}".rstrip()]
+    for deployment, st in (app.get("serveDeploymentStatuses") or {}).items():
+        if st.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and st.get("message"):
+            parts.append(f"deployment {deployment}: {_last_line(st['message'])}")
+    return " ".join(parts)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def llmdeployment_status(
     *,
     previous: dict[str, Any],
@@ -168,9 +221,13 @@ def llmdeployment_status(
     model_uri: str = "",
     endpoint: str = "",
     rs_status: dict[str, Any] | None = None,
+    adapters: Sequence[AdapterArgs] = (),
 ) -> dict[str, Any]:
     """The whole LLMDeployment status for a verdict (from the RayService, or a waiting /
-    failed model reference). The endpoint is published once the service is Ready."""
+    failed model reference). The endpoint is published once the service is Ready.
+    `adapters`: spec.adapters resolved; with any, status.adapters and the AdaptersReady
+    condition say which are served and why the others are not (the base model serves on)."""
+    before = LLMDeploymentStatus.model_validate(previous)
     st = rs_status or {}
     conds = {c.get("type"): c for c in st.get("conditions") or []}
     upgrading = any(
@@ -179,17 +236,15 @@ def llmdeployment_status(
     )
     ready = verdict.phase == "Ready"
     model_ok = verdict.phase not in ("WaitingForModel",) and verdict.reason != "ModelFailed"
-    return {
-        "phase": verdict.phase,
-        "observedGeneration": generation,
-        "rayServiceName": ray_service_name,
-        "modelUri": model_uri,
+    status = LLMDeploymentStatus(
+        phase=verdict.phase,
+        observedGeneration=generation,
+        rayServiceName=ray_service_name,
+        modelUri=model_uri,
         # Published once Ready; kept while the RayService exists (e.g. during an upgrade).
-        "endpoint": endpoint
-        if ready
-        else (previous.get("endpoint", "") if ray_service_name else ""),
-        "conditions": conditions(
-            previous.get("conditions") or [],
+        endpoint=endpoint if ready else (before.endpoint if ray_service_name else ""),
+        conditions=conditions(
+            before.conditions,
             [
                 ("Ready", ready, verdict.reason, verdict.message),
                 (
@@ -200,38 +255,65 @@ def llmdeployment_status(
                 ),
                 ("Upgrading", upgrading, "UpgradeInProgress" if upgrading else "NoUpgrade", ""),
                 ("Failed", verdict.phase == "Failed", verdict.reason, verdict.message),
+                *([adapters_condition(adapters)] if adapters else []),
             ],
             now=now,
             generation=generation,
         ),
-    }
+    )
+    out = dump(status)
+    if adapters:
+        out["adapters"] = [
+            AdapterStatus(
+                name=a.name, ready=a.ready, uri=a.uri, reason=a.reason, message=a.message
+            ).model_dump(mode="json")
+            for a in adapters
+        ]
+    return out
+
+
+# Reasons that need the user (a wrong base, a failed job, not an adapter) before ones that
+# only need time (a job still running): the condition's reason is the most pressing one.
+_ADAPTER_REASONS = (BASE_MISMATCH, NOT_AN_ADAPTER, FAILED, NOT_FOUND, BELOW_MIN, NO_SCORE)
+
+
+def adapters_condition(adapters: Sequence[AdapterArgs]) -> tuple[str, bool, str, str]:
+    """AdaptersReady: True when every adapter is served; else the most pressing reason and
+    each waiting adapter with its message."""
+    waiting = [a for a in adapters if not a.ready]
+    if not waiting:
+        return ("AdaptersReady", True, "AdaptersReady", f"{len(adapters)} adapter(s) served")
+    reasons = [a.reason for a in waiting]
+    reason = next((r for r in _ADAPTER_REASONS if r in reasons), reasons[0])
+    message = "; ".join(f"{a.name}: {a.message}" for a in waiting)
+    return ("AdaptersReady", False, reason, message)
 
 
 # --- conditions ------------------------------------------------------------------------
 
 
 def conditions(
-    previous: list[dict[str, Any]],
+    previous: Sequence[Condition],
     wanted: list[tuple[str, bool, str, str]],
     *,
     now: str,
     generation: int,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """metav1.Condition list; lastTransitionTime moves only when a condition's status does."""
-    before = {c.get("type"): c for c in previous}
     out = []
     for type_, is_true, reason, message in wanted:
         status = "True" if is_true else "False"
-        old = before.get(type_)
-        changed = old is None or old.get("status") != status
+        old = condition(previous, type_)
         out.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason or type_,
-                "message": message,
-                "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
-                "observedGeneration": generation,
-            }
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason or type_,
+                message=message,
+                lastTransitionTime=old.lastTransitionTime
+                if old is not None and old.status == status and old.lastTransitionTime
+                else now,
+                observedGeneration=generation,
+            )
         )
     return out

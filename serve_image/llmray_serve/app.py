@@ -20,11 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from llmray import uris
+from llmray import hardware, uris
+from llmray.paths import pod_path
 from llmray.serve_args import ServeArgs
+from llmray_serve.engine import Engine
 from llmray_serve.ingress import IngressSettings, build_api
 
 log = logging.getLogger(__name__)
@@ -33,31 +36,9 @@ log = logging.getLogger(__name__)
 # Ray Serve's per-replica admission: this many times the engine's limit, at least the minimum.
 RAY_ADMISSION_FACTOR = 8
 RAY_ADMISSION_MIN = 256
-
-# What this replica serves. One replica per process, so module state is the replica's own.
-_REPLICA: dict[str, Any] = {}
-
-
-class _Late:
-    """A stand-in that finds the replica's engine / settings when a request comes.
-
-    Ray Serve ships the routes and the deployment class to replicas by value, with copies of
-    the objects they reference: so this holds no state, it reads `_REPLICA` of the imported
-    module, the one `LLMServer.__init__` fills once the model is loaded.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name == "what":
-            raise AttributeError(name)
-        from llmray_serve import app as module
-
-        target = module._REPLICA.get(self.what)
-        if target is None:
-            raise RuntimeError(f"the replica's {self.what} is not ready")
-        return getattr(target, name)
+# Ray Serve calls check_health this often and replaces a replica after 3 failures in a row: a
+# replica whose generation loop died is gone in about 6 s, not Ray's default 30 s.
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class RayServeMetrics:
@@ -90,17 +71,14 @@ class RayServeMetrics:
             self.generated.inc(completion)
 
 
-def _replica_api() -> Any:
-    """The FastAPI app, built on each replica (the ASGI-builder form of `serve.ingress`)."""
-    return build_api(_Late("engine"), _Late("settings"), RayServeMetrics())  # type: ignore[arg-type]
-
-
 @serve.deployment(name="llm")
-@serve.ingress(_replica_api)
+@serve.ingress()  # the app comes from __serve_build_asgi_app__, once __init__ is done
 class LLMServer:
+    """One replica: the model in an engine, and the OpenAI API over it."""
+
     def __init__(self, args: ServeArgs) -> None:
         model_dir = uris.fetch(
-            args.model_uri, Path(args.base_dir), Path(args.cache_dir), field="spec.model.uri"
+            args.model_uri, Path(args.base_dir), pod_path(args.cache_dir), field="spec.model.uri"
         )
         api_key = None
         if args.api_key_env:
@@ -111,10 +89,7 @@ class LLMServer:
                     "empty in the server's environment"
                 )
         self.engine = make_engine(args, model_dir)
-        from llmray_serve import app as module  # the real module, not a shipped copy
-
-        module._REPLICA["engine"] = self.engine
-        module._REPLICA["settings"] = IngressSettings(
+        self.settings = IngressSettings(
             served_name=args.served_name,
             max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens,
@@ -124,9 +99,14 @@ class LLMServer:
         )
         log.info("serving %s as %r", model_dir, args.served_name)
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Ray Serve calls this on the replica after __init__: the API of this replica's own
+        engine and settings (an app built beforehand, at import, could not reach them)."""
+        return build_api(self.engine, self.settings, RayServeMetrics())
+
     def check_health(self) -> None:
-        if not self.engine.healthy():
-            raise RuntimeError("the engine's generation loop stopped")
+        if not self.engine.healthy():  # Ray Serve replaces the replica
+            raise RuntimeError("the engine cannot generate: its loop stopped or is stuck")
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
         engine = getattr(self, "engine", None)
@@ -134,7 +114,7 @@ class LLMServer:
             engine.close()
 
 
-def make_engine(args: ServeArgs, model_dir: Path) -> Any:
+def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
     """The engine of spec.engine; `auto` is vLLM on NVIDIA GPUs where installed, else
     transformers."""
     from llmray_serve.vllm_engine import engine_kind
@@ -151,24 +131,27 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Any:
         )
     from llmray_serve.hf_engine import TransformersEngine
 
-    device = {"nvidia-gpu": "cuda", "intel-gpu": "xpu"}.get(args.accelerator, "cpu")
     return TransformersEngine(
         model_dir,
-        device=device,
+        device=hardware.profile(args.accelerator, args.ipex).device_type,
         ipex=args.ipex,
         max_ongoing=args.max_ongoing_requests,
         max_seq_tokens=max_seq_tokens,
     )
 
 
-def build_app(
-    args: dict[str, Any] | ServeArgs, *, env: dict[str, str] | None = None
-) -> Application:
+def build_app(args: dict[str, Any] | ServeArgs) -> Application:
     """The RayService application from its args (validated: a bad arg fails the deploy).
 
-    `env`: extra environment for the replicas, for local runs only (on Kubernetes the pods
-    carry it, e.g. the API key from apiKeySecretRef).
+    Ray Serve calls it with the serveConfigV2 `args` and accepts a builder of exactly one
+    parameter (the KubeRay replay found a second, keyword-only one failing every deploy).
     """
+    return application(args)
+
+
+def application(args: dict[str, Any] | ServeArgs, env: dict[str, str] | None = None) -> Application:
+    """`build_app`, plus `env`: extra environment for the replicas, for local runs only (on
+    Kubernetes the pods carry it, e.g. the API key from apiKeySecretRef)."""
     a = ServeArgs.model_validate(args)
     actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
     if env:
@@ -188,5 +171,6 @@ def build_app(
         autoscaling_config=autoscaling,
         max_ongoing_requests=ray_limit,
         max_queued_requests=ray_limit,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options=actor_options,
     ).bind(a)

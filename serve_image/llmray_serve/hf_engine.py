@@ -9,7 +9,10 @@ share a prefix (a system prompt) share its cache blocks.
 This module adds what an OpenAI server needs on top: per-request temperature (0 is exact
 greedy) and top_p, stop strings, incremental UTF-8-safe text, cancellation when a client
 leaves, an in-flight limit (503 beyond it), and a KV cache sized from the deployment's limits
-rather than from the host's memory (on a pod, the host's memory is not the pod's).
+rather than from the host's memory (on a pod, the host's memory is not the pod's). Grammars,
+logit_bias, penalties and logprobs are per-request logits work (hf_logits.py); `n` choices
+are transformers' forked children of one request, which share its prompt's KV cache blocks;
+the prompt's logprobs (echo) come from one plain forward pass over it.
 
     engine = TransformersEngine("models/tiny", max_ongoing=16)
     async for chunk in engine.generate("Hello", SamplingParams(16, 0.0, 1.0)): ...
@@ -18,30 +21,43 @@ rather than from the host's memory (on a pod, the host's memory is not the pod's
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingTemperatureLogitsWarper as _Temperature,
-)
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingTopPLogitsWarper as _TopP,
-)
 
-from llmray_serve.engine import Chunk, EngineOverloaded, SamplingParams
+from llmray.api.llmdeployment import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from llmray_serve import hf_logits
+from llmray_serve.engine import (
+    Chunk,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidParameter,
+    SamplingParams,
+    TokenLogprob,
+)
 from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 IPEX_HELP = (
     "compute.ipex: true needs Intel Extension for PyTorch 2.8, which requires torch 2.8.* "
     "(see docs/ipex.md)"
 )
 PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
+# A generation step (one forward pass of at most 1024 tokens) that runs longer than this is
+# stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
+STUCK_AFTER_S = 120.0
+MAX_FAILED_STEPS = 3  # steps failing in a row: the model or the device is broken
+PROMPT_LOGITS_ROWS = 256  # prompt positions per lm-head call when scoring a prompt (echo)
 
 
 class TransformersEngine(TokenizerPrompts):
@@ -53,10 +69,12 @@ class TransformersEngine(TokenizerPrompts):
         ipex: bool = False,
         max_batch: int = 16,
         max_ongoing: int = 64,
-        max_seq_tokens: int = 2048 + 256,
+        max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
+        stuck_after_s: float = STUCK_AFTER_S,
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
-        at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them."""
+        at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
+        A generation step running longer than `stuck_after_s` makes the engine unhealthy."""
         self.tokenizer = load_tokenizer(model_dir)
         dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
@@ -77,61 +95,168 @@ class TransformersEngine(TokenizerPrompts):
         # Forward passes so far: with batching, far fewer than the tokens generated.
         self.forward_passes = 0
         model.register_forward_hook(self._count_forward)
-        self.manager = _start_manager(model, self.eos_ids, device, max_batch, max_seq_tokens)
+        self.steps = _GuardedSteps(stuck_after_s)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.grammar_tokenizer = _grammar_tokenizer(self.tokenizer, vocab, self.eos_ids)
+        self.manager, self.logits = _start_manager(
+            model, self.eos_ids, device, max_batch, max_seq_tokens, self.steps, vocab
+        )
+        self._score_lock = threading.Lock()
         self._warm_up()
 
     # --- the Engine interface (count_tokens and render_chat: TokenizerPrompts) ---
 
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
-        if self._ongoing >= self.max_ongoing:
+        if trouble := self._trouble():  # transformers would drop the request without a word
+            raise EngineUnavailable(trouble)
+        n = params.n
+        if n > self.max_ongoing:
+            raise InvalidParameter(
+                "n", f"n: at most {self.max_ongoing} choices per request (maxOngoingRequests)"
+            )
+        if self._ongoing + n > self.max_ongoing:
             raise EngineOverloaded(f"{self._ongoing} requests ongoing, limit {self.max_ongoing}")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.check_logit_bias(params)
+        ids = self.prompt_ids(prompt)
+        matchers = await self._matchers(params.grammar, n)
+        scored = None
+        if params.prompt_logprobs is not None:
+            scored = await asyncio.to_thread(self._score_prompt, ids, params.prompt_logprobs)
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"llmray-{next(self._ids)}"
+        # transformers names the choices it forks from a request so (Manager.update_batch).
+        sequences = [request_id] + [f"{request_id}__child#{i}" for i in range(n - 1)]
         if params.seed is not None and self._ongoing == 0:
             torch.manual_seed(params.seed)  # reproducible for a request alone in the engine
-        self._ongoing += 1
-        finished = False
+        self._ongoing += n
+        finished: set[int] = set()
         try:
-            self.manager.register_result_handler(request_id, outputs.put_nowait)
-            self.manager.add_request(
-                ids,
-                request_id=request_id,
-                max_new_tokens=params.max_tokens,
-                # Token by token only where someone reads them: a stream, or stop strings to
-                # look for; a plain request gets its answer once (far less work per step).
-                streaming=params.stream or bool(params.stop),
-                eos_token_id=self.eos_ids,
-                temperature=float(max(params.temperature, 0.0)),
-                top_p=float(params.top_p) if params.temperature > 0 else 1.0,
-            )
-            text = _Text(self.tokenizer)
-            while True:
-                out = await outputs.get()
+            for index, sequence in enumerate(sequences):
+                controls = self.logits.controls_for(
+                    top=params.logprobs,
+                    logit_bias=params.logit_bias,
+                    presence=params.presence_penalty,
+                    frequency=params.frequency_penalty,
+                    matcher=matchers[index] if matchers else None,
+                )
+                if controls is not None:
+                    self.logits.controls[sequence] = controls
+                self.manager.register_result_handler(
+                    sequence, functools.partial(_tagged, outputs.put_nowait, index)
+                )
+            if not self._add(ids, sequences, params):  # the loop stopped meanwhile
+                raise EngineUnavailable("the generation loop stopped")
+            choices = [_Choice(self.tokenizer, sequence) for sequence in sequences]
+            while len(finished) < n:
+                index, out = await outputs.get()
                 if out.error:
-                    finished = True
+                    finished.add(index)
                     raise RuntimeError(f"generation failed: {out.error}")
-                text.extend([t for t in out.generated_tokens if t not in self.eos_ids])
-                chunk = self._next_chunk(out, text, len(ids), params)
+                choice = choices[index]
+                choice.text.extend([t for t in out.generated_tokens if t not in self.eos_ids])
+                chunk = self._next_chunk(out, choice.text, len(ids), params)
+                chunk.index, chunk.logprobs = index, self._logprobs(choice, out)
+                if not choice.started and scored is not None:
+                    chunk.prompt_logprobs = scored
                 if chunk.finish_reason:
-                    finished = out.is_finished()
+                    finished.add(index)
+                    if not out.is_finished():  # cut by a stop string: free its slot now
+                        self._cancel(sequences[index])
                     yield chunk
-                    return
-                if chunk.text:
+                elif chunk.text or chunk.logprobs or chunk.prompt_logprobs:
+                    choice.started = True
                     yield chunk
         finally:
-            if not finished:  # a client that left, or a stop string: free its batch slot now
-                self._cancel(request_id)
-            self._ongoing -= 1
+            for index, sequence in enumerate(sequences):
+                if index not in finished:  # a client that left: free its batch slot now
+                    self._cancel(sequence)
+                self.logits.controls.pop(sequence, None)
+            self._ongoing -= n
 
     def healthy(self) -> bool:
-        return self.manager.is_running()
+        return self._trouble() is None
 
     def close(self) -> None:
         """Stop the generation loop (requests still running are failed)."""
         self.manager.stop(block=True, timeout=30, hard_stop=True)
 
     # --- internals ---
+
+    def _add(self, ids: list[int], sequences: list[str], params: SamplingParams) -> bool:
+        """Queue the request's choices. With n > 1 transformers forks the request into n - 1
+        more once its prompt is in the cache, all but its last token (the choices share those
+        blocks, and each samples from the last token on): add_request takes the count from
+        the manager (num_return_sequences, read only there, on this thread). A one-token
+        prompt has nothing to share (and transformers cannot fork it): one request each."""
+        forked = params.n > 1 and len(ids) > 1
+        self.manager.num_return_sequences = params.n if forked else 1
+        try:
+            for sequence in sequences[:1] if forked else sequences:
+                added = self.manager.add_request(
+                    ids,
+                    request_id=sequence,
+                    max_new_tokens=params.max_tokens,
+                    # Token by token only where someone reads them: a stream, or stop strings
+                    # to look for; a plain request gets its answer once (far less work).
+                    streaming=params.stream or bool(params.stop),
+                    eos_token_id=self.eos_ids,
+                    temperature=float(max(params.temperature, 0.0)),
+                    top_p=float(params.top_p) if params.temperature > 0 else 1.0,
+                )
+                if added is None:
+                    return False
+            return True
+        finally:
+            self.manager.num_return_sequences = 1
+
+    async def _matchers(self, grammar: str | None, n: int) -> list[Any] | None:
+        """One grammar matcher per choice (compiled off the event loop: a large schema takes
+        milliseconds), or None without a grammar."""
+        if grammar is None:
+            return None
+        import llguidance
+
+        first = await asyncio.to_thread(llguidance.LLMatcher, self.grammar_tokenizer, grammar)
+        if first.is_error():
+            raise InvalidParameter("response_format", f"grammar error: {first.get_error()}")
+        return [first] + [first.deep_copy() for _ in range(n - 1)]
+
+    def _logprobs(self, choice: _Choice, out: Any) -> tuple[TokenLogprob, ...]:
+        """The logprobs of the choice's tokens since its last chunk (end tokens left out, as
+        from the text)."""
+        controls = self.logits.controls.get(choice.sequence)
+        if controls is None or controls.top is None:
+            return ()
+        tokens = out.generated_tokens
+        new = []
+        for position in range(choice.logprobs_sent, min(len(tokens), len(controls.recorded))):
+            r = controls.recorded[position]
+            if r.token in self.eos_ids:
+                continue
+            top = tuple((self.token_text(t), lp) for t, lp in r.top)
+            new.append(TokenLogprob(self.token_text(r.token), r.logprob, top, r.token))
+        choice.logprobs_sent = min(len(tokens), len(controls.recorded))
+        return tuple(new)
+
+    def _score_prompt(self, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+        """The prompt's logprobs, from one forward pass outside the batch (transformers' batch
+        computes the last position's logits only); on a worker thread, one prompt at a time."""
+        with self._score_lock:
+            scored = hf_logits.prompt_logprobs(self.model, ids, top, PROMPT_LOGITS_ROWS)
+        return tuple(
+            TokenLogprob(
+                self.token_text(token),
+                logprob,
+                tuple((self.token_text(t), v) for t, v in top_),
+                token,
+            )
+            for token, logprob, top_ in scored
+        )
+
+    def _trouble(self) -> str | None:
+        if not self.manager.is_running():
+            return "the generation loop has stopped"
+        return self.steps.trouble()
 
     def _next_chunk(
         self, out: Any, text: _Text, prompt_tokens: int, params: SamplingParams
@@ -211,9 +336,36 @@ class _Text:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+class _Choice:
+    """One choice of a request as the engine reads it: its text, logprobs sent, first chunk."""
+
+    def __init__(self, tokenizer: Any, sequence: str) -> None:
+        self.text = _Text(tokenizer)
+        self.sequence = sequence  # transformers' request id of this choice
+        self.logprobs_sent = 0
+        self.started = False
+
+
+def _tagged(put: Any, index: int, out: Any) -> None:
+    put((index, out))
+
+
+def _grammar_tokenizer(tokenizer: Any, vocab: int, eos_ids: list[int]) -> Any:
+    """The tokenizer as llguidance sees it, for the model's logits width and end tokens."""
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos_ids)
+
+
 def _start_manager(
-    model: Any, eos_ids: list[int], device: str, max_batch: int, max_seq_tokens: int
-) -> Any:
+    model: Any,
+    eos_ids: list[int],
+    device: str,
+    max_batch: int,
+    max_seq_tokens: int,
+    steps: _GuardedSteps,
+    vocab: int,
+) -> tuple[Any, hf_logits.PerRequestLogits]:
     # Sampling on, with a non-default temperature and top_p: only then does transformers create
     # the per-request temperature and top_p processors (the values here are never used: every
     # request brings its own).
@@ -229,63 +381,92 @@ def _start_manager(
         # transformers sizes the cache from a share of the host's memory, which on a pod is the
         # node's, not the pod's limit: size it from the deployment's limits instead.
         blocks = max_batch * (math.ceil(max_seq_tokens / PAGE_TOKENS) + 1)
-        config = ContinuousBatchingConfig(
-            page_size=PAGE_TOKENS,
-            num_blocks=blocks,
-            max_batch_tokens=1024,
-            max_requests_per_batch=max_batch,
-            per_request_processors=True,
-        )
+        sizes: dict[str, Any] = {"num_blocks": blocks, "max_batch_tokens": 1024}
     else:
-        config = ContinuousBatchingConfig(
-            page_size=PAGE_TOKENS, max_requests_per_batch=max_batch, per_request_processors=True
-        )
+        sizes = {}
+    config = ContinuousBatchingConfig(
+        page_size=PAGE_TOKENS,
+        max_requests_per_batch=max_batch,
+        per_request_processors=True,
+        # Each step's grammar masks and logprobs are computed from the step before it, on
+        # the host: no step may be issued ahead (async batching) or replayed from a captured
+        # graph (CUDA graphs).
+        use_async_batching=False,
+        use_cuda_graph=False,
+        **sizes,
+    )
     manager = model.init_continuous_batching(
         generation_config=generation, continuous_batching_config=config
     )
-    _exact_greedy_and_cheap_top_p(manager)
+    hf_logits.exact_greedy_and_cheap_top_p(manager)
+    logits = hf_logits.install(manager, vocab)
+    steps.install(manager, logits)
     # transformers starts its generation thread as a non-daemon thread, which would keep the
     # process from ever exiting; a thread is a daemon when the thread creating it is one.
     starter = threading.Thread(target=manager.start, name="llmray-start", daemon=True)
     starter.start()
     starter.join()
-    return manager
+    return manager, logits
 
 
-def _exact_greedy_and_cheap_top_p(manager: Any) -> None:
-    """Swap transformers' per-request temperature and top_p processors for ones where
-    temperature 0 means greedy (argmax, exactly) and top_p 1 skips the vocabulary sort."""
-    processors = manager.logit_processor.logits_processor
-    swapped = 0
-    for p in processors:
-        for base, ours in ((_Temperature, _GreedyAtZero), (_TopP, _TopPUnlessOne)):
-            if type(p) is base:
-                p.__class__ = ours  # same state, our __call__
-                swapped += 1
-    if swapped != 2:  # a transformers upgrade changed its processors: fail loudly, not subtly
-        raise RuntimeError(f"expected transformers' temperature and top_p processors: {processors}")
+class _GuardedSteps:
+    """Each pass of transformers' generation loop, guarded and timed.
+
+    transformers ends its generation loop at the first exception anywhere in a step (failing
+    every request it holds), and then drops new requests without a word: one bad request took
+    the replica down. Here a failed step fails the requests that were decoding in it (they
+    shared its forward pass: which of them broke it cannot be told), logs why, and the loop
+    goes on with the requests still waiting and every later one. The engine reports itself
+    unhealthy (the replica's health check, so Ray Serve replaces it) when a step has run for
+    longer than `stuck_after_s`, or when `MAX_FAILED_STEPS` steps in a row failed (the model
+    or device is broken, not a request).
+    """
+
+    def __init__(self, stuck_after_s: float) -> None:
+        self.stuck_after_s = stuck_after_s
+        self.failed_in_a_row = 0
+        self.failed = 0  # steps failed since the start
+        self._step_started: float | None = None
+
+    def install(self, manager: Any, logits: hf_logits.PerRequestLogits) -> None:
+        body = manager._generation_loop_body  # a transformers upgrade that renames it fails here
+
+        def guarded(processor: Any, bootstrapping: bool) -> bool:
+            hf_logits.hook_sampler(processor, logits)
+            self._step_started = time.monotonic()
+            passes = manager.current_batch  # transformers counts the passes that ran a batch
+            try:
+                go_on = body(processor, bootstrapping)
+            except Exception as exc:
+                log.exception("a generation step failed: its requests fail, the loop goes on")
+                self.failed += 1
+                self.failed_in_a_row += 1
+                _fail_active_requests(processor, exc)
+                return True
+            finally:
+                self._step_started = None
+            if manager.current_batch != passes:  # a batch ran (not an idle wait)
+                self.failed_in_a_row = 0
+            return go_on
+
+        manager._generation_loop_body = guarded
+
+    def trouble(self) -> str | None:
+        """Why the loop cannot serve, or None."""
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.stuck_after_s:
+            return f"the generation loop is stuck: a step has run for over {self.stuck_after_s:g} s"
+        if self.failed_in_a_row >= MAX_FAILED_STEPS:
+            return f"the generation loop failed its last {self.failed_in_a_row} steps"
+        return None
 
 
-class _GreedyAtZero(_Temperature):
-    """Temperature per row; a row at temperature 0 keeps only its argmax (sampling it is exact)."""
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        temps = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        greedy = (temps <= 0).unsqueeze(-1)
-        best = scores.argmax(dim=-1, keepdim=True)
-        onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-        if bool(greedy.all()):  # the common all-greedy batch: no scaling at all
-            return onehot
-        return torch.where(greedy, onehot, scores / temps.clamp(min=1e-5).unsqueeze(-1))
-
-
-class _TopPUnlessOne(_TopP):
-    """top_p per row, skipping the vocabulary sort when no row of the batch needs it."""
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        if bool((tensor_arg[: scores.size(0)].view(dtype=torch.float32) >= 1).all()):
-            return scores
-        return super().__call__(scores, tensor_arg)
+def _fail_active_requests(processor: Any, error: Exception) -> None:
+    """Fail the requests in the KV cache (those of the failed step), free their blocks; the
+    waiting ones stay queued. (transformers' own `fail_all_requests` also fails the waiting.)"""
+    for state in list(processor.scheduler.active_requests.values()):
+        processor._handle_request_error(error, state)
+        processor.scheduler.finish_request(state.request_id)
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

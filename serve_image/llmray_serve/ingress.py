@@ -5,31 +5,53 @@ the way OpenAI clients expect; the Ray Serve deployment (app.py) mounts this Fas
 
     GET  /health                200 {"status": "ok"}            (no auth: for probes)
     GET  /v1/models             the one served model
+    GET  /v1/models/{model}     it, or 404
     POST /v1/completions        prompt -> text      (stream: SSE chunks, then data: [DONE])
     POST /v1/chat/completions   messages -> message (chat template of the tokenizer)
 
-Errors carry OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad JSON or
-fields, prompt over maxPromptTokens, max_tokens over maxNewTokens; 401 missing or wrong bearer
-key; 404 unknown model; 503 over capacity (at once, never queued without bound).
+Parameters: protocol.py (each OpenAI parameter honoured or refused by name); max_tokens over
+maxNewTokens is that limit. Chat tools and response_format: chat_tools.py (what they ask of
+the model, the grammar that enforces it), responses.py (tool calls, logprobs, n choices in
+OpenAI's JSON and stream events). Errors carry OpenAI's body {"error": {"message", "type", "param",
+"code"}}: 400 bad JSON or fields, a parameter not implemented, prompt over maxPromptTokens;
+404 unknown route or model, 405 wrong method; 401 missing or wrong bearer
+key (checked before the body is read); 404 unknown model; 503 over capacity or while the
+engine cannot generate (at once, never queued without bound); 500 with a request id only (the
+cause goes to the log under that id). Metrics label requests by route template.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmray_serve.engine import Chunk, Engine, EngineOverloaded, SamplingParams, Usage
+from llmray.api import llmdeployment as generation
+from llmray_serve.chat_tools import plan_chat
+from llmray_serve.engine import (
+    Chunk,
+    Engine,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidParameter,
+    InvalidPrompt,
+    SamplingParams,
+    collect,
+)
+from llmray_serve.grammars import GrammarError
 from llmray_serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from llmray_serve.responses import ChatShape, CompletionShape, Shape, sse
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +59,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class IngressSettings:
     served_name: str  # the id in /v1/models, e.g. "smollm2-support"
-    max_new_tokens: int = 256  # default and upper bound of max_tokens
-    max_prompt_tokens: int = 2048
-    temperature: float = 0.7  # defaults when a request leaves them out
-    top_p: float = 0.95
+    max_new_tokens: int = generation.MAX_NEW_TOKENS  # default and upper bound of max_tokens
+    max_prompt_tokens: int = generation.MAX_PROMPT_TOKENS
+    temperature: float = generation.TEMPERATURE  # defaults when a request leaves them out
+    top_p: float = generation.TOP_P
     api_key: str | None = None  # bearer key; None: no auth
 
 
@@ -86,11 +108,14 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
     created = int(time.time())
     metrics = metrics or NoMetrics()
 
+    if settings.api_key is not None:  # before the metrics below: they count the 401s too
+        app.add_middleware(BearerKey, key=settings.api_key)
+
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable) -> Any:
         started = time.perf_counter()
         response = await call_next(request)
-        metrics.request_done(request.url.path, response.status_code)
+        metrics.request_done(route_label(request.scope), response.status_code)
         # OpenAI's header: the time spent in this server (to the first byte when streaming);
         # a client's latency minus this is the network and proxy overhead.
         response.headers["openai-processing-ms"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
@@ -102,61 +127,125 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
 
     @app.exception_handler(Exception)
     async def _failed(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        body = error_body(f"the server failed to answer: {exc}", "server_error")
-        return JSONResponse(body, status_code=500)
+        # The cause goes to the log, not to the client (it can hold paths, shapes, internals);
+        # the id ties one to the other.
+        request_id = f"req_{uuid.uuid4().hex}"
+        log.error("request %s failed", request_id, exc_info=exc)
+        body = error_body(
+            f"the server failed to answer this request (request id {request_id}; "
+            "its cause is in the server's log)",
+            "server_error",
+        )
+        return JSONResponse(body, status_code=500, headers={"x-request-id": request_id})
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's shape.
+        message = {
+            404: f"no route {request.method} {request.url.path} on this server",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", code=code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_error(exc.errors()), status_code=400)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, str] | JSONResponse:
+        if not engine.healthy():
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
         return {"status": "ok"}
 
+    the_model = {
+        "id": settings.served_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "llmray",
+    }
+
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        check_key(request, settings.api_key)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": settings.served_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "llmray",
-                }
-            ],
-        }
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [the_model]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, settings)
+        return the_model
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request):
-        check_key(request, settings.api_key)
+    async def completions(body: CompletionRequest):
+        check_model(body.model, settings)
         prompt = str(body.prompt)
-        shape = _CompletionShape(body)
-        return await respond(engine, settings, body, prompt, "prompt", shape, metrics)
+        echo_logprobs = body.logprobs if body.echo else None
+        params = sampling(settings, body, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
+        shape = CompletionShape(body, prompt)
+        return await respond(engine, settings, body, prompt, "prompt", shape, metrics, params)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request):
-        check_key(request, settings.api_key)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = engine.render_chat(messages)
-        shape = _ChatShape(body)
-        return await respond(engine, settings, body, prompt, "messages", shape, metrics)
+    async def chat(body: ChatCompletionRequest):
+        check_model(body.model, settings)
+        try:
+            plan = plan_chat(body, engine.tool_format)
+        except GrammarError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
+        try:
+            prompt = engine.render_chat([m.for_template() for m in body.messages], plan.tools)
+        except InvalidPrompt as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(settings, body, logprobs=top, grammar=plan.grammar)
+        shape = ChatShape(body, plan)
+        return await respond(engine, settings, body, prompt, "messages", shape, metrics, params)
 
     return app
 
 
-def check_key(request: Request, key: str | None) -> None:
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
+OPEN_PATHS = frozenset({"/health"})  # no key: for probes
+
+
+class BearerKey:
+    """The bearer key, checked before anything reads the request body (a plain ASGI
+    middleware, outside FastAPI's body parsing): an unauthenticated 10 MB body gets its 401
+    without being read, let alone parsed."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.key):
+                body = error_body(
+                    "missing or invalid API key: send Authorization: Bearer <key>",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def route_label(scope: Scope) -> str:
+    """The route's template (e.g. /v1/models/{model}), never the raw path: a metric label per
+    path a client invents would grow Prometheus without bound."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def check_model(name: str, settings: IngressSettings) -> None:
+    if name != settings.served_name:
         raise ApiError(
-            401,
-            "missing or invalid API key: send Authorization: Bearer <key>",
-            "invalid_request_error",
-            code="invalid_api_key",
+            404,
+            f"model {name!r} does not exist; this server serves {settings.served_name!r}",
+            param="model",
+            code="model_not_found",
         )
 
 
@@ -165,28 +254,47 @@ def validation_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
         return error_body("the request body is not valid JSON", "invalid_request_error")
     parts, param = [], None
     for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        # pydantic names the member of a union it tried (prompt.str, prompt.list[str]): the
+        # client sent one field, `prompt`.
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body" and not _type_tag(p))
         param = param or loc or None
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        part = f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+        if part not in parts:
+            parts.append(part)
     return error_body("; ".join(parts), "invalid_request_error", param=param)
 
 
-def sampling(settings: IngressSettings, body: Any) -> SamplingParams:
-    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if wanted is not None and wanted > settings.max_new_tokens:
-        raise ApiError(
-            400,
-            f"max_tokens {wanted} exceeds this deployment's limit "
-            f"(generation.maxNewTokens {settings.max_new_tokens})",
-            param="max_tokens",
-        )
+def _type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none") or "[" in part or "-" in part
+    )
+
+
+def sampling(settings: IngressSettings, body: Any, **extra: Any) -> SamplingParams:
+    """The request's sampling, with the deployment's defaults. A max_tokens above
+    generation.maxNewTokens is that limit (clients send large defaults): the answer then ends
+    with finish_reason "length" where the limit cut it. `extra`: the endpoint's own fields
+    (logprobs, grammar)."""
+    wanted = getattr(body, "max_completion_tokens", None)
+    wanted = body.max_tokens if wanted is None else wanted
+    temperature = settings.temperature if body.temperature is None else body.temperature
+    top_p = settings.top_p if body.top_p is None else body.top_p
+    if top_p == 0:  # the smallest set of tokens with probability >= 0: the top token
+        temperature, top_p = 0.0, 1.0
     return SamplingParams(
-        max_tokens=wanted or settings.max_new_tokens,
-        temperature=settings.temperature if body.temperature is None else body.temperature,
-        top_p=settings.top_p if body.top_p is None else body.top_p,
+        max_tokens=min(
+            settings.max_new_tokens if wanted is None else wanted, settings.max_new_tokens
+        ),
+        temperature=temperature,
+        top_p=top_p,
         stop=tuple(body.stop or ()),
         seed=body.seed,
         stream=bool(body.stream),
+        n=body.n or 1,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple((int(t), float(b)) for t, b in (body.logit_bias or {}).items()),
+        **extra,
     )
 
 
@@ -196,19 +304,15 @@ async def respond(
     body: Any,
     prompt: str,
     prompt_param: str,
-    shape: _Shape,
+    shape: Shape,
     metrics: Metrics,
+    params: SamplingParams,
 ):
     started = time.perf_counter()
-    if body.model != settings.served_name:
-        raise ApiError(
-            404,
-            f"model {body.model!r} does not exist; this server serves {settings.served_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-    params = sampling(settings, body)
-    tokens = engine.count_tokens(prompt)
+    try:
+        tokens = engine.count_tokens(prompt)
+    except InvalidPrompt as exc:
+        raise ApiError(400, str(exc), param=prompt_param) from exc
     if tokens > settings.max_prompt_tokens:
         raise ApiError(
             400,
@@ -217,7 +321,7 @@ async def respond(
             param=prompt_param,
             code="context_length_exceeded",
         )
-    chunks = engine.generate(prompt, params)
+    chunks = _generate(engine, prompt, params, tokens)
     try:  # the first chunk decides the status: 503 now, not inside a 200 stream
         first = await anext(chunks)
     except EngineOverloaded as exc:
@@ -229,124 +333,59 @@ async def respond(
             code="overloaded",
             headers={"Retry-After": "1"},
         ) from exc
+    except EngineUnavailable as exc:  # this replica is being replaced: another one answers
+        await chunks.aclose()
+        raise ApiError(
+            503,
+            f"this server cannot generate at the moment, retry ({exc})",
+            "server_error",
+            code="unavailable",
+            headers={"Retry-After": "1"},
+        ) from exc
+    except InvalidPrompt as exc:
+        await chunks.aclose()
+        raise ApiError(400, str(exc), param=prompt_param) from exc
+    except InvalidParameter as exc:
+        await chunks.aclose()
+        raise ApiError(400, str(exc), param=exc.param) from exc
     except StopAsyncIteration:
         first = Chunk("", tokens, 0, "stop")
     if body.stream:  # a plain request's first chunk is its whole answer
         metrics.first_token(time.perf_counter() - started)
-    if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             sse(first, chunks, shape, include_usage, metrics),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    text, finish, usage = (
-        first.text,
-        first.finish_reason,
-        Usage(first.prompt_tokens, first.completion_tokens),
-    )
-    async for chunk in chunks:
-        text += chunk.text
-        finish = chunk.finish_reason or finish
-        usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
-    metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
-    return shape.full(text, finish or "stop", usage)
+    done = await collect(chunks, first)
+    metrics.tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
+    return shape.full(done)
 
 
-async def sse(
-    first: Chunk,
-    rest: AsyncIterator[Chunk],
-    shape: _Shape,
-    include_usage: bool,
-    metrics: Metrics,
-) -> AsyncIterator[str]:
-    """`data: {chunk}` events, then `data: [DONE]`; a client that leaves closes `rest`."""
-    usage = Usage(first.prompt_tokens, first.completion_tokens)
+def _generate(
+    engine: Engine, prompt: str, params: SamplingParams, prompt_tokens: int
+) -> AsyncIterator[Chunk]:
+    """The engine's chunks; max_tokens 0 (OpenAI allows it) asks the engine for nothing, or,
+    with the prompt's logprobs wanted (echo: what lm-eval-harness scores prompts with), for
+    one token that is then left out, as vLLM does."""
+    if params.max_tokens == 0 and params.prompt_logprobs is None:
+        return _nothing(params.n, prompt_tokens)
+    if params.max_tokens == 0:
+        return _prompt_only(engine.generate(prompt, replace(params, max_tokens=1)))
+    return engine.generate(prompt, params)
+
+
+async def _nothing(n: int, prompt_tokens: int) -> AsyncIterator[Chunk]:
+    for index in range(n):
+        yield Chunk("", prompt_tokens, 0, "length", index)
+
+
+async def _prompt_only(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     try:
-        yield _event(shape.chunk(first.text, first.finish_reason, is_first=True))
-        async for chunk in rest:
-            usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
-            yield _event(shape.chunk(chunk.text, chunk.finish_reason, is_first=False))
-        if include_usage:
-            yield _event(shape.usage_chunk(usage))
-        yield "data: [DONE]\n\n"
+        async for c in chunks:
+            if c.finish_reason or c.prompt_logprobs is not None:
+                finish = "length" if c.finish_reason else None
+                yield Chunk("", c.prompt_tokens, 0, finish, c.index, (), c.prompt_logprobs)
     finally:
-        await rest.aclose()  # cancels the generation when the client disconnected
-        metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _usage(u: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
-class _Shape:
-    """The JSON of one endpoint: full response, stream chunk, usage chunk."""
-
-    object_full: str
-    object_chunk: str
-    prefix: str
-
-    def __init__(self, body: Any) -> None:
-        self.model, self.created = body.model, int(time.time())
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return self._envelope(self.object_chunk, []) | {"usage": _usage(usage)}
-
-    def choice_full(self, text: str, finish: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def choice_chunk(self, text: str, finish: str | None, is_first: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def full(self, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-        return self._envelope(self.object_full, [self.choice_full(text, finish)]) | {
-            "usage": _usage(usage)
-        }
-
-    def chunk(self, text: str, finish: str | None, *, is_first: bool) -> dict[str, Any]:
-        return self._envelope(self.object_chunk, [self.choice_chunk(text, finish, is_first)])
-
-
-class _CompletionShape(_Shape):
-    object_full = object_chunk = "text_completion"
-    prefix = "cmpl"
-
-    def choice_full(self, text: str, finish: str) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def choice_chunk(self, text: str, finish: str | None, is_first: bool) -> dict[str, Any]:
-        return self.choice_full(text, finish)  # type: ignore[arg-type]
-
-
-class _ChatShape(_Shape):
-    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
-    prefix = "chatcmpl"
-
-    def choice_full(self, text: str, finish: str) -> dict[str, Any]:
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-
-    def choice_chunk(self, text: str, finish: str | None, is_first: bool) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": text} if is_first else {"content": text}
-        return {"index": 0, "delta": delta, "finish_reason": finish}
+        await chunks.aclose()

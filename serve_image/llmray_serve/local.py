@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
-from llmray import paths
+from llmray import paths, procs
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.loader import load_resource
 from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
@@ -16,8 +17,31 @@ from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
 log = logging.getLogger("llmray.serve")
 
 
-class ModelNotReady(RuntimeError):
+class CannotServe(RuntimeError):
+    """Something the user fixes before `llmray serve` can start (printed without traceback)."""
+
+
+class ModelNotReady(CannotServe):
     """model.fineTuneJobRef names a job that has not (successfully) run here."""
+
+
+class PortBusy(CannotServe):
+    """Another process listens on the port."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now, naming the port and its holder, rather than after Ray started (HAProxy's
+    "Some protocols failed to start" and a reload traceback)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            holders = ", ".join(f"{name} (pid {pid})" for pid, name in procs.listeners(port))
+            raise PortBusy(
+                f"port {port} on {host} is in use by {holders or 'another process'} "
+                f"({exc.strerror}): stop it or choose another --port"
+            ) from exc
 
 
 def local_model_uri(dep: LLMDeployment) -> str:
@@ -62,16 +86,18 @@ def start(args: ServeArgs, port: int, host: str = "127.0.0.1") -> str:
     from ray import serve
 
     from llmray.localray import ensure_ray
-    from llmray_serve.app import build_app
+    from llmray_serve.app import application
 
+    check_port(host, port)
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     # Local replicas reserve no CPU (num_cpus 0), and Ray then starts them with
     # OMP_NUM_THREADS=1: torch would use one core of the machine. Give them all of them.
+    # The API key is not put here: a runtime_env is stored in Ray's GCS and shown by its
+    # dashboard and state API. The replicas inherit it from this process's environment (which
+    # local_args checked), as the Ray started here inherits it.
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)}
-    if args.api_key_env:  # replicas inherit Ray's environment, not this shell's
-        env[args.api_key_env] = os.environ.get(args.api_key_env, "")
-    serve.run(build_app(args, env=env), name=args.name, route_prefix="/", blocking=False)
+    serve.run(application(args, env), name=args.name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/v1"
 
 

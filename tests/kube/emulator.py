@@ -35,6 +35,9 @@ Emulated, as the real server does it:
 * ``pods/log`` with text set by the test (:meth:`KubeEmulator.set_pod_log`), ``tailLines``;
 * errors as ``Status`` bodies: NotFound, AlreadyExists, Conflict, Invalid, BadRequest,
   MethodNotAllowed, UnsupportedMediaType, Expired.
+* fault injection, when ``kube.faults`` is set (:mod:`tests.kube.faults`): 429 / 500 / 409 on
+  a share of the requests that arrive over HTTP (some 500s after the change took effect),
+  watch streams cut at random; ``kube.created`` counts creations, so a re-created object shows.
 
 Deliberately left out: authentication and RBAC enforcement (:attr:`KubeEmulator.api_calls`
 records the verbs for RBAC checks instead), admission webhooks, CEL rules, server-side apply and
@@ -65,6 +68,7 @@ import jsonpatch
 import kmock
 import yaml
 
+from tests.kube.faults import REASONS, Faults
 from tests.kube.schema import CrdSchema, SchemaError, is_dns1123_subdomain
 
 __all__ = [
@@ -455,6 +459,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     field_validation: str = "Strict"  # the default for requests without ?fieldValidation=
     event_log_size: int = 10000  # watch events retained per resource; older rv -> 410 Expired
     server_version: str = "v1.33.0"
+    # Injected failures of the operator's requests (tests/kube/faults.py); None: none.
+    faults: Faults | None = None
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _store: dict[tuple[str, str, str], dict[tuple[str | None, str], dict[str, Any]]] = attrs.field(
@@ -475,6 +481,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)
     _pod_logs: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
     api_calls: list[ApiCall] = attrs.field(factory=list, init=False)
+    # Objects created, by (group/plural, namespace, name): a count above 1 is a re-creation.
+    created: collections.Counter[tuple[str, str | None, str]] = attrs.field(
+        factory=collections.Counter, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         # Deliberately no super(): the parent registers fallback reactions that keep their own
@@ -871,6 +881,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if verb is not None:
             call = ApiCall(verb, route.group, route.plural, route.subresource, route.namespace)
             self.api_calls.append(call)
+        fault = None
+        if self.faults is not None and verb not in (None, "watch"):
+            fault = self.faults.draw(verb)
+        if fault is None:
+            return await self._route_resource(request, route, verb)
+        if fault.after:  # it takes effect; only the answer is lost
+            with contextlib.suppress(kmock.KubernetesError):
+                await self._route_resource(request, route, verb)
+        reason, message = REASONS[fault.code]
+        headers = {"Retry-After": "1"} if fault.code == 429 else None
+        body = _status_body(fault.code, reason, message)
+        return aiohttp.web.json_response(body, status=fault.code, headers=headers)
+
+    async def _route_resource(
+        self, request: kmock.Request, route: _Route, verb: str | None
+    ) -> aiohttp.web.StreamResponse:
+        assert route.group is not None and route.version is not None and route.plural is not None
         rtype = self._types.get((route.group, route.version, route.plural))
         if rtype is None or (route.namespace is not None and not rtype.namespaced):
             raise _no_such_route()
@@ -1102,8 +1129,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         assert request._raw_request is not None
-        await response.prepare(request._raw_request)
         try:
+            await response.prepare(request._raw_request)
             if expired is not None:
                 await self._send(response, {"type": "ERROR", "object": expired})
                 return response
@@ -1111,11 +1138,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._send(response, event)
             if initial_end:
                 await self._send(response, self._initial_end_bookmark(rtype, snapshot_rv))
-            await self._stream_live(response, watcher, timeout)
+            lifetime = self.faults.watch_lifetime() if self.faults is not None else None
+            cut = await self._stream_live(response, watcher, timeout, lifetime)
         except ConnectionError:
-            pass  # the client went away
+            return response  # the client went away (before or while streaming)
         finally:
             self._watchers[rtype.key].discard(watcher)
+        if cut:  # an injected drop: the connection goes, with no end of stream
+            assert self.faults is not None and request._raw_request.transport is not None
+            self.faults.count_drop()
+            request._raw_request.transport.close()
+            return response
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
@@ -1156,24 +1189,33 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return {"type": "BOOKMARK", "object": obj}
 
     async def _stream_live(
-        self, response: aiohttp.web.StreamResponse, watcher: _Watcher, timeout: float | None
-    ) -> None:
+        self,
+        response: aiohttp.web.StreamResponse,
+        watcher: _Watcher,
+        timeout: float | None,
+        lifetime: float | None = None,
+    ) -> bool:
         """Send queued events until timeoutSeconds passes, :meth:`stop_watches` is called, or
-        the kmock.Server stops (it would wait for open streams of clients that outlive it)."""
+        the kmock.Server stops (it would wait for open streams of clients that outlive it);
+        True when an injected `lifetime` ran out first (the caller cuts the connection)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        cut_at = None if lifetime is None else loop.time() + lifetime
         served = bool(self.servers)
         while not (served and not self.servers):
+            if cut_at is not None and loop.time() >= cut_at:
+                return True
             remaining = _WATCH_POLL if deadline is None else deadline - loop.time()
             if remaining <= 0:
-                return
+                return False
             try:
                 event = await asyncio.wait_for(watcher.queue.get(), min(remaining, _WATCH_POLL))
             except asyncio.TimeoutError:
                 continue
             if event is None:
-                return
+                return False
             await self._send(response, event)
+        return False
 
     @staticmethod
     async def _send(response: aiohttp.web.StreamResponse, event: Mapping[str, Any]) -> None:
@@ -1252,6 +1294,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if (namespace, name) in self._store[rtype.key]:
             raise _already_exists(rtype, name)
         self._commit(rtype, "ADDED", obj, old=None)
+        self.created[(rtype.group_resource, namespace, name)] += 1
         return obj, warnings
 
     def _update(

@@ -34,6 +34,16 @@ class TrainState:
     eval_loss: float | None = None
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """Ray Train's folder of one checkpoint under <storage>/<run>: checkpoint_step00000012."""
+    return f"checkpoint_step{step:08d}"
+
+
+def checkpoint_uri(storage: str, run: str, step: int) -> str:
+    """Where the checkpoint of `step` is, in the spec's own terms (s3://..., pvc://...)."""
+    return f"{storage.rstrip('/')}/{run}/{checkpoint_dir_name(step)}"
+
+
 def save_and_report(
     state: TrainState,
     metrics: dict[str, Any],
@@ -60,7 +70,7 @@ def save_and_report(
         has_files = any(tmp.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(tmp)) if has_files else None
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step{state.step:08d}"
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step)
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

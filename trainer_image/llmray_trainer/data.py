@@ -5,7 +5,12 @@ Formats (`spec.dataset.format`, one example a record):
 - `instruction`: `{"instruction", "context" (optional), "response"}`, rendered as a chat
   (`llmray.chat.instruction_to_messages`) so training and serving share one prompt format.
 - `text`: `{"input"}`, trained on as is (every token has a label).
-- `chat`: `{"messages": [{"role": "system" | "user" | "assistant", "content"}]}`.
+- `chat`: `{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content"}]}`, and
+  for tool use, OpenAI's shapes: an optional `"tools": [{"type": "function", "function":
+  {"name", "description", "parameters"}}]` beside the messages, assistant messages with
+  `"tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]` (content
+  then optional), `tool` messages with the result (`"tool_call_id"` optional). A chat with
+  tools renders as the server renders it (`llmray.chat.template_for_tools`).
 
 A chat is tokenized piece by piece: for each turn we render the conversation up to it
 (`messages[:i]`, plus the assistant generation prompt before an assistant turn) and tokenize
@@ -32,6 +37,8 @@ from llmray.chat import (
     DEFAULT_CHAT_TEMPLATE,
     ROLES,
     instruction_to_messages,
+    template_for_tools,
+    template_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -190,6 +197,9 @@ def _check_chat(obj: dict[str, Any]) -> str | None:
         return f'field "messages" must be a list, got {_kind(messages)}'
     if not messages:
         return 'field "messages" is empty'
+    names, reason = _tool_names(obj.get("tools"))
+    if reason:
+        return reason
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return f"messages[{i}] must be an object, got {_kind(message)}"
@@ -197,11 +207,60 @@ def _check_chat(obj: dict[str, Any]) -> str | None:
         if role not in ROLES:
             shown = json.dumps(role) if "role" in message else "missing"
             return f"messages[{i}].role is {shown}: expected one of {', '.join(ROLES)}"
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                return f"messages[{i}].tool_calls: only assistant messages make tool calls"
+            reason = _check_tool_calls(calls, names, f"messages[{i}].tool_calls")
+            if reason:
+                return reason
         content = message.get("content")
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not (calls and content is None):
             return f"messages[{i}].content must be a string, got {_kind(content)}"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message: nothing to train on"
+    return None
+
+
+def _tool_names(tools: Any) -> tuple[set[str] | None, str | None]:
+    """The function names a record's `tools` declare (None: no tools field), or why not."""
+    if tools is None:
+        return None, None
+    if not isinstance(tools, list):
+        return None, f'field "tools" must be a list, got {_kind(tools)}'
+    names = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return None, (
+                f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                '"parameters": {...}}}'
+            )
+        names.add(function["name"])
+    return names, None
+
+
+def _check_tool_calls(calls: Any, names: set[str] | None, where: str) -> str | None:
+    if not isinstance(calls, list) or not calls:
+        return f"{where} must be a non-empty list, got {_kind(calls)}"
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return (
+                f'{where}[{j}] must be {{"type": "function", "function": {{"name", "arguments"}}}}'
+            )
+        if names is not None and function["name"] not in names:
+            return (
+                f"{where}[{j}].function.name {function['name']!r} is not one of the record's tools"
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                return f"{where}[{j}].function.arguments is not valid JSON ({e.msg})"
+        if not isinstance(arguments, dict):
+            return f"{where}[{j}].function.arguments must be a JSON object, got {_kind(arguments)}"
     return None
 
 
@@ -355,7 +414,7 @@ def _tokenize_chats(
     for i, record in enumerate(records):
         messages = record_messages(record, fmt)
         try:
-            segmented.append(chat_segments(tokenizer, messages))
+            segmented.append(chat_segments(tokenizer, messages, record_tools(record)))
         except Exception as e:  # a template's own error (jinja raise_exception, a bad prefix)
             raise ValueError(f"record {offset + i}: cannot render the chat: {e}") from e
     texts = [text for segments in segmented for text, _ in segments]
@@ -372,28 +431,48 @@ def _tokenize_chats(
     return examples
 
 
-def record_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
-    """A validated instruction or chat record as plain `{"role", "content"}` messages."""
+def record_messages(record: dict[str, Any], fmt: str) -> list[dict[str, Any]]:
+    """A validated instruction or chat record as `{"role", "content"}` messages (plus an
+    assistant message's `tool_calls` and a tool message's `tool_call_id`)."""
     if fmt == "instruction":
         return instruction_to_messages(
             record["instruction"], record.get("context") or "", record["response"]
         )
-    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    keep = ("role", "content", "tool_calls", "tool_call_id")
+    return [{k: m[k] for k in keep if k in m} for m in record["messages"]]
 
 
-def chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """The rendered chat as consecutive (text, trained) pieces; trained = an assistant turn.
+def record_tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A chat record's tools (None without)."""
+    return record.get("tools") or None
+
+
+def chat_segments(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[tuple[str, bool]]:
+    """The rendered chat as consecutive (text, trained) pieces; trained = an assistant turn
+    (its tool calls included: a model learns to call tools as it learns to answer).
 
     An assistant piece is what rendering the turn adds after the generation prompt: its
     content and end-of-turn marker. Whitespace the template emits after the marker belongs to
-    the next piece (the model need not learn it: generation stopped at the marker).
+    the next piece (the model need not learn it: generation stopped at the marker). A chat
+    with tools or tool calls renders with the template the server uses for tools.
     """
+    uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    template = None
+    if uses_tools:
+        template = template_for_tools(tokenizer.get_chat_template(tools=tools or []))[0]
+    messages = template_messages(messages)
 
     def render(upto: int, generation_prompt: bool = False) -> str:
         if upto == 0 and not generation_prompt:
             return ""
         return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
+            messages[:upto],
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
 
     segments: list[tuple[str, bool]] = []

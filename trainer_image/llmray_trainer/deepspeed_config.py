@@ -1,24 +1,29 @@
-"""Render DeepSpeed's JSON config from the spec, so users never write one.
+"""Render DeepSpeed's JSON config from the spec and the model, so users never write one.
 
 Example (strategy {type: deepspeed, zeroStage: 3, offloadOptimizer: true}, precision bf16,
-batchSizePerWorker 4, gradientAccumulationSteps 2, 6 workers)::
+batchSizePerWorker 4, gradientAccumulationSteps 2, 6 workers, hidden size 4096)::
 
     {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
      "train_batch_size": 48, "gradient_clipping": 1.0, "bf16": {"enabled": true},
      "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", ...},
-                           "stage3_gather_16bit_weights_on_model_save": true, ...}}
+                           "reduce_bucket_size": 16777216,
+                           "stage3_max_live_parameters": 402653184, ...}}
+
+The bucket sizes and stage-3 limits come from `llmray.sizing.zero_tuning` (the plan predicts
+memory from the same numbers).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmray.api.finetunejob import FineTuneJobSpec
+from llmray.api.finetunejob import DEFAULT_ZERO_STAGE, FineTuneJobSpec
+from llmray.sizing import zero_tuning
 
-DEFAULT_ZERO_STAGE = 2
 
-
-def render_deepspeed_config(spec: FineTuneJobSpec, world_size: int) -> dict[str, Any]:
+def render_deepspeed_config(
+    spec: FineTuneJobSpec, world_size: int, hidden_size: int
+) -> dict[str, Any]:
     hp = spec.hyperparameters
     stage = spec.strategy.zeroStage or DEFAULT_ZERO_STAGE
     zero: dict[str, Any] = {
@@ -28,10 +33,15 @@ def render_deepspeed_config(spec: FineTuneJobSpec, world_size: int) -> dict[str,
     }
     if spec.strategy.offloadOptimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if stage == 3:
-        # Rank 0 gathers the full weights when the final model is saved (see docs: size
-        # rank 0's memory at about 4x the model's bytes).
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    tuning = zero_tuning(spec.strategy.zeroTuning, hidden_size)
+    zero["reduce_bucket_size"] = tuning["reduce_bucket_size"]
+    if stage < 3:
+        zero["allgather_bucket_size"] = tuning["reduce_bucket_size"]
+    else:
+        zero.update({k: v for k, v in tuning.items() if k.startswith("stage3_")})
+        # The final model is streamed out module by module (export.py), never consolidated
+        # whole: no 16-bit gather on save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
         if spec.strategy.offloadParameters:
             zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     config: dict[str, Any] = {

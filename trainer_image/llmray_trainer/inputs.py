@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmray import uris
+from llmray.paths import pod_path
 from llmray.trainer_config import TrainerConfig
 from llmray_trainer.data import load_records, split_eval, tokenize_records
 
@@ -19,7 +20,7 @@ def load_raw_splits(cfg: TrainerConfig) -> tuple[list[dict[str, Any]], list[dict
     The driver calls this before any worker starts, so bad data fails in seconds.
     """
     ds = cfg.spec.dataset
-    base, cache = Path(cfg.base_dir), Path(cfg.cache_dir)
+    base, cache = Path(cfg.base_dir), pod_path(cfg.cache_dir)
     train = load_records(uris.fetch(ds.train, base, cache, field="spec.dataset.train"), ds.format)
     if ds.eval:
         return train, load_records(

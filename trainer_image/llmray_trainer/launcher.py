@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from llmray import uris
+from llmray.hardware import profile
 from llmray.localray import ensure_ray
+from llmray.paths import pod_path
 from llmray.trainer_config import TrainerConfig
-from llmray_trainer import hardware
+from llmray_trainer import hardware, placement
 
 log = logging.getLogger("llmray.trainer")
 
@@ -87,10 +89,13 @@ def run(cfg: TrainerConfig) -> RunResult:
     log.info("dataset: %d train / %d eval records", len(train_records), len(eval_records))
     if not uris.is_remote(spec.baseModel.uri):  # a typo'd path fails here, not in each worker
         uris.fetch(
-            spec.baseModel.uri, Path(cfg.base_dir), Path(cfg.cache_dir), field="spec.baseModel.uri"
+            spec.baseModel.uri,
+            Path(cfg.base_dir),
+            pod_path(cfg.cache_dir),
+            field="spec.baseModel.uri",
         )
 
-    hw = hardware.select_hardware(spec.compute.accelerator, spec.compute.ipex)
+    hw = profile(spec.compute.accelerator, spec.compute.ipex)
     hardware.check_method(hw, spec.method)
     if hw.ipex:
         hardware.import_ipex()  # the clear error now, not inside every worker
@@ -111,40 +116,44 @@ def run(cfg: TrainerConfig) -> RunResult:
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if spec.compute.resourcesPerWorker.gpu:
         resources["GPU"] = spec.compute.resourcesPerWorker.gpu
-    label_selector = None
-    if cfg.rank0_label:
-        # Ray Train 2.60 gives world rank 0 to placement bundle 0.
-        label_selector = [dict(cfg.rank0_label)] + [{} for _ in range(workers - 1)]
+    # A rank-0 node that is not there would make Ray Train wait forever: fail now instead.
+    placement.wait_for_rank0_node(cfg.rank0_label, resources)
 
-    # The driver's llmray settings (LLMRAY_*) reach the workers too: raylet-spawned workers
-    # inherit the environment Ray started with, not the driver's current one.
     worker_env = hardware.worker_env(hw, spec.strategy.type, threads)
-    worker_env.update({k: v for k, v in os.environ.items() if k.startswith("LLMRAY_")})
     worker_env.update(spec_env(cfg))
     sink = ProgressSink.remote()
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"trainer": cfg.model_dump(mode="json"), "progress_sink": sink},
-        torch_config=TorchConfig(backend=hw.dist_backend),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=hw.use_gpu,
-            resources_per_worker=resources,
-            label_selector=label_selector,
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=uris.storage_path_for_ray(
-                cfg.storage_path, Path(cfg.base_dir), field="spec.checkpointing.storageUri"
+
+    def make_trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_func,
+            train_loop_config={"trainer": cfg.model_dump(mode="json"), "progress_sink": sink},
+            torch_config=TorchConfig(backend=hw.dist_backend),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=hw.ray_use_gpu,
+                resources_per_worker=resources,
+                label_selector=placement.label_selector(cfg.rank0_label, workers),
             ),
-            failure_config=FailureConfig(max_failures=spec.maxRetries),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep),
-            worker_runtime_env={"env_vars": worker_env},
-        ),
-    )
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=uris.storage_path_for_ray(
+                    cfg.storage_path, Path(cfg.base_dir), field="spec.checkpointing.storageUri"
+                ),
+                failure_config=FailureConfig(max_failures=spec.maxRetries),
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep),
+                worker_runtime_env={"env_vars": worker_env},
+            ),
+        )
+
     with ProgressWatcher(sink, cfg.progress_file) as watcher:
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+        while True:
+            result = make_trainer().fit()
+            if result.error is not None:
+                raise result.error
+            stopped = (result.return_value or {}).get("preempted")
+            if stopped is None:
+                break
+            # Told to stop (preemption.py): the same run again resumes after that step.
+            log.warning("preempted at step %d: starting again from its checkpoint", stopped)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     return RunResult(cfg.name, cfg.output_uri, checkpoint, watcher.records)

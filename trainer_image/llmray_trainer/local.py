@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 
 from llmray import paths
-from llmray.api.common import cpu_cores
-from llmray.api.finetunejob import FineTuneJob
+from llmray.api.common import Condition
+from llmray.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from llmray.api.loader import load_resource
-from llmray.trainer_config import TrainerConfig, resolve_trainer_config
+from llmray.api.quantity import parse_quantity
+from llmray.progress import progress_of
+from llmray.trainer_config import TrainerConfig, produced_model, resolve_trainer_config
 from llmray_trainer.launcher import RunResult, run
 
 log = logging.getLogger("llmray.trainer")
@@ -26,7 +28,7 @@ def local_config(job: FineTuneJob, base_dir: Path, cpu_count: int) -> TrainerCon
     workers = job.spec.compute.workers
     share = max(1, cpu_count // workers)
     asked = job.spec.compute.resourcesPerWorker.cpu
-    asked_cores = cpu_cores(asked)
+    asked_cores = float(parse_quantity(asked))
     if asked_cores > share:
         log.warning(
             "compute.resourcesPerWorker.cpu %s: this machine has %d cores for %d "
@@ -56,44 +58,39 @@ def finetune_file(path: str | Path) -> RunResult:
     status_file.parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.progress_file).unlink(missing_ok=True)
     started = _now()
-    write_status(status_file, phase="Running", startTime=started)
+    write_status(status_file, FineTuneJobStatus(phase="Running", startTime=started))
     try:
         result = run(cfg)
     except BaseException as exc:
+        failed = Condition(
+            type="Failed", status="True", reason="TrainingFailed", message=str(exc)[:2000]
+        )
         write_status(
             status_file,
-            phase="Failed",
-            startTime=started,
-            completionTime=_now(),
-            conditions=[
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "TrainingFailed",
-                    "message": str(exc)[:2000],
-                }
-            ],
+            FineTuneJobStatus(
+                phase="Failed", startTime=started, completionTime=_now(), conditions=[failed]
+            ),
         )
         raise
     last = result.steps[-1] if result.steps else {}
     write_status(
         status_file,
-        phase="Succeeded",
-        startTime=started,
-        completionTime=_now(),
-        latestCheckpoint=result.checkpoint,
-        model={"uri": result.model_uri},
-        progress={
-            k: last.get(k) for k in ("epoch", "step", "totalSteps", "trainLoss", "tokensPerSecond")
-        }
-        | {"evalLoss": result.eval_loss},
+        FineTuneJobStatus(
+            phase="Succeeded",
+            startTime=started,
+            completionTime=_now(),
+            latestCheckpoint=result.checkpoint,
+            # an adapter also says so, and of which base model
+            model=produced_model(cfg).model_copy(update={"uri": result.model_uri}),
+            progress=progress_of({**last, "evalLoss": result.eval_loss}),
+        ),
     )
     return result
 
 
-def write_status(path: Path, **status: object) -> None:
+def write_status(path: Path, status: FineTuneJobStatus) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2))
+    tmp.write_text(json.dumps(status.model_dump(mode="json", exclude_unset=True), indent=2))
     tmp.replace(path)
 
 

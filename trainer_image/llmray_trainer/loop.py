@@ -10,10 +10,8 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,45 +19,58 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from llmray.api.finetunejob import Progress
+from llmray.hardware import Profile, profile
 from llmray.trainer_config import TrainerConfig
-from llmray_trainer import hardware
-from llmray_trainer.checkpoint import TrainState, restore, save_and_report
+from llmray_trainer import hardware, preemption
+from llmray_trainer.checkpoint import TrainState, checkpoint_uri, restore, save_and_report
 from llmray_trainer.data import collate, count_tokens
+from llmray_trainer.deepspeed_config import render_deepspeed_config
 from llmray_trainer.export import export_model
 from llmray_trainer.inputs import load_splits
-from llmray_trainer.modeling import build_model, load_tokenizer, resolve_base_model
+from llmray_trainer.modeling import (
+    build_model,
+    hidden_size,
+    load_tokenizer,
+    register_zero3,
+    resolve_base_model,
+    weights_dtype,
+)
 
 log = logging.getLogger("llmray.trainer")
 
-# Fault injection for the kill-and-resume test: the worker of this rank kills its own
-# process (SIGKILL, no cleanup) when it reaches this step, once per marker file.
-CRASH_STEP_ENV = "LLMRAY_TEST_KILL_AT_STEP"
-CRASH_RANK_ENV = "LLMRAY_TEST_KILL_RANK"
-CRASH_MARKER_ENV = "LLMRAY_TEST_KILL_MARKER"
-CRASH_DELAY_SECONDS = 3.0
 
-
-def train_func(config: dict[str, Any]) -> None:
+def train_func(config: dict[str, Any]) -> dict[str, int] | None:
+    """Returns {"preempted": step} when told to stop (preemption.py): the driver runs it again,
+    resuming from the checkpoint of that step; None when the model was exported."""
     started = time.perf_counter()
     cfg = TrainerConfig.model_validate(config["trainer"])
     sink = config.get("progress_sink")
     spec, hp = cfg.spec, cfg.spec.hyperparameters
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    hw = hardware.select_hardware(spec.compute.accelerator, spec.compute.ipex)
+    hw = profile(spec.compute.accelerator, spec.compute.ipex)
     hardware.pin_threads(int(cfg.cpus_per_worker))
     hardware.check_method(hw, spec.method)
     if rank == 0:
         check_rank0_node(cfg.rank0_label)
         hardware.check_precision(hw, hp.precision)
     torch.manual_seed(hp.seed)
+    stop = preemption.install()  # a SIGTERM from now on stops at the next step boundary
 
     # --- model, tokenizer, data ---
     import_done = time.perf_counter()
     model_dir = resolve_base_model(cfg)
     tokenizer, added = load_tokenizer(model_dir, spec.dataset.format, spec.dataset.specialTokens)
+    ds_config, zero3_registration = None, None
+    if spec.strategy.type == "deepspeed":
+        ds_config = render_deepspeed_config(spec, world, hidden_size(model_dir))
+        if ds_config["zero_optimization"]["stage"] == 3:
+            # Built inside zero.Init, partitioned as the weights arrive (kept for the run).
+            zero3_registration = register_zero3(ds_config, hw.dist_backend)
+    zero3 = zero3_registration is not None
     torch.manual_seed(hp.seed)  # same init of new embeddings / LoRA weights on every run
-    model = build_model(cfg, model_dir, tokenizer, added)
+    model = build_model(cfg, model_dir, tokenizer, added, dtype=weights_dtype(cfg))
     model_done = time.perf_counter()
     train_set, eval_set = load_splits(cfg, tokenizer)
     if rank == 0:
@@ -70,7 +81,8 @@ def train_func(config: dict[str, Any]) -> None:
             time.perf_counter() - model_done,
         )
     device = ray.train.torch.get_device()
-    model.to(device)
+    if not zero3:  # ZeRO-3's partitions are placed by DeepSpeed
+        model.to(device)
 
     pad_id = tokenizer.pad_token_id
     train_loader = make_loader(
@@ -105,16 +117,14 @@ def train_func(config: dict[str, Any]) -> None:
         hp.lrScheduler, optimizer, round(hp.warmupRatio * total_steps), total_steps
     )
     engine = None
-    if spec.strategy.type == "deepspeed":
+    if ds_config is not None:
         import deepspeed
-
-        from llmray_trainer.deepspeed_config import render_deepspeed_config
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=render_deepspeed_config(spec, world),
+            config=ds_config,
             dist_init_required=False,
         )
         model = engine
@@ -126,6 +136,9 @@ def train_func(config: dict[str, Any]) -> None:
     resumed = restore(model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
     state = resumed[0] if resumed else TrainState()
     report = ProgressReporter(sink, rank, total_steps)
+    # Model, data and optimizer are ready: training starts (the pid: rank 0's process, for
+    # whoever watches its memory, e.g. benchmarks/train_memory.py).
+    report.event("setup", state, pid=os.getpid())
     if resumed:
         report.event("resumed", state, checkpoint=resumed[1])
         log.info("rank %d resumed from %s at step %d", rank, resumed[1], state.step)
@@ -133,7 +146,7 @@ def train_func(config: dict[str, Any]) -> None:
     # --- train ---
     ckpt = spec.checkpointing
     last_saved = state.step if resumed else -1
-    save = partial(
+    persist = partial(
         save_and_report,
         rank=rank,
         model=model,
@@ -141,9 +154,18 @@ def train_func(config: dict[str, Any]) -> None:
         scheduler=scheduler,
         engine=engine,
     )
+
+    def save(state: TrainState, reported: dict[str, Any]) -> None:
+        persist(state, reported)
+        # status.latestCheckpoint: where this checkpoint went (the KubeRay replay found it
+        # was only ever reported on a resume).
+        uri = checkpoint_uri(cfg.storage_path, cfg.name, state.step)
+        report.event("checkpoint", state, checkpoint=uri)
+
     window = Window()
     model.train()
-    while state.step < total_steps and state.epoch < epochs:
+    stopped = stop.agreed(world, device)  # told during setup (a long model load)
+    while not stopped and state.step < total_steps and state.epoch < epochs:
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(state.epoch)
         skip = state.micro_batches_in_epoch
@@ -165,7 +187,6 @@ def train_func(config: dict[str, Any]) -> None:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            maybe_crash(rank, state.step)
             if state.step % hp.logEverySteps == 0 or state.step == total_steps:
                 state.train_loss, tokens, tps = window.flush(world)
                 state.tokens += tokens
@@ -173,6 +194,11 @@ def train_func(config: dict[str, Any]) -> None:
             if ckpt.everySteps and state.step % ckpt.everySteps == 0:
                 save(state, metrics(state))
                 last_saved = state.step
+            if stop.agreed(world, device):
+                stopped = True
+                break
+        if stopped:
+            break
         if state.micro_batches_in_epoch >= steps_per_epoch * accum:
             state.epoch += 1
             state.micro_batches_in_epoch = 0
@@ -183,19 +209,28 @@ def train_func(config: dict[str, Any]) -> None:
                 save(state, metrics(state))
                 last_saved = state.step
 
+    stop.active = False  # from here a SIGTERM ends the worker (a retry re-exports)
+    if stopped:
+        if last_saved != state.step:
+            save(state, metrics(state))  # every rank: the step the next attempt starts after
+        report.event("preempted", state)
+        log.info("rank %d stopped at step %d, checkpoint saved", rank, state.step)
+        return {"preempted": state.step}
     if eval_loader is not None and state.eval_loss is None:
         state.eval_loss = evaluate(model, eval_loader, device, hw, hp.precision, world)
     if last_saved != state.step:
         save(state, metrics(state))  # the final state: a retry after this only re-exports
     export_model(cfg, model, engine, tokenizer, model_dir, added, rank)
     report.event("exported", state, model=cfg.output_uri)
+    del zero3_registration  # the model is done with: transformers may forget the config
+    return None
 
 
 def forward_backward(
     model: Any,
     engine: Any,
     batch: dict[str, torch.Tensor],
-    hw: hardware.Hardware,
+    hw: Profile,
     precision: str,
     accum: int,
     boundary: bool,
@@ -220,7 +255,7 @@ def forward_backward(
 
 @torch.no_grad()
 def evaluate(
-    model: Any, loader: Any, device: Any, hw: hardware.Hardware, precision: str, world: int
+    model: Any, loader: Any, device: Any, hw: Profile, precision: str, world: int
 ) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -266,18 +301,15 @@ class ProgressReporter:
         self.total_steps = total_steps
 
     def step(self, state: TrainState, tps: float, event: str = "step", **extra: Any) -> None:
-        self._push(
-            {
-                "event": event,
-                "epoch": state.epoch,
-                "step": state.step,
-                "totalSteps": self.total_steps,
-                "trainLoss": state.train_loss,
-                "evalLoss": state.eval_loss,
-                "tokensPerSecond": tps,
-                **extra,
-            }
+        progress = Progress(
+            epoch=state.epoch,
+            step=state.step,
+            totalSteps=self.total_steps,
+            trainLoss=state.train_loss,
+            evalLoss=state.eval_loss,
+            tokensPerSecond=tps,
         )
+        self._push({"event": event, **progress.model_dump(), **extra})
 
     def event(self, event: str, state: TrainState, **extra: Any) -> None:
         self.step(state, 0.0, event=event, **extra)
@@ -339,17 +371,5 @@ def check_rank0_node(label: dict[str, str]) -> None:
                 f"{node_labels}); it would gather the full model on a node not sized for it. "
                 "Check spec.compute.rank0.nodeSelector and the rank-0 worker group."
             )
-
-
-def maybe_crash(rank: int, step: int) -> None:
-    at = os.environ.get(CRASH_STEP_ENV)
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if not at or not marker or int(at) != step or str(rank) != os.environ.get(CRASH_RANK_ENV, "0"):
-        return
-    if Path(marker).exists():
-        return
-    # Die a little after the step: Ray Train's controller registers a reported checkpoint
-    # when it next polls the workers, and a crash before that resumes from the one before.
-    time.sleep(CRASH_DELAY_SECONDS)
-    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    context = ray.get_runtime_context()
+    log.info("rank 0 runs on Ray node %s, labelled %s", context.get_node_id(), label)

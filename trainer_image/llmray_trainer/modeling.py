@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,22 +15,24 @@ log = logging.getLogger(__name__)
 def resolve_base_model(cfg: TrainerConfig) -> Path:
     """A local Hugging Face folder for `spec.baseModel.uri` (downloaded / converted once)."""
     from llmray import uris
+    from llmray.paths import pod_path
     from llmray_trainer.gguf import cached_gguf_conversion
 
     source = cfg.spec.baseModel
+    cache = pod_path(cfg.cache_dir)
     path = uris.fetch(
         source.uri,
         Path(cfg.base_dir),
-        Path(cfg.cache_dir),
+        cache,
         revision=source.revision,
         field="spec.baseModel.uri",
     )
     if path.is_file() and path.suffix == ".gguf":
-        return cached_gguf_conversion(path, Path(cfg.cache_dir) / "gguf")
+        return cached_gguf_conversion(path, cache / "gguf")
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return cached_gguf_conversion(ggufs[0], Path(cfg.cache_dir) / "gguf")
+            return cached_gguf_conversion(ggufs[0], cache / "gguf")
         raise FileNotFoundError(
             f"spec.baseModel.uri {source.uri}: {path} holds no config.json (not a Hugging Face "
             "model folder) and not exactly one .gguf file"
@@ -48,20 +51,28 @@ def load_tokenizer(model_dir: Path, fmt: str, special_tokens: list[str]) -> tupl
 
 
 def build_model(
-    cfg: TrainerConfig, model_dir: Path, tokenizer: Any, added_tokens: int, *, full_precision=False
+    cfg: TrainerConfig,
+    model_dir: Path,
+    tokenizer: Any,
+    added_tokens: int,
+    *,
+    dtype: Any,
+    full_precision: bool = False,
 ) -> Any:
-    """The model to train, on CPU in fp32 (autocast / DeepSpeed handle lower precision).
+    """The model to train, built once in `dtype` (`weights_dtype`).
 
-    `full_precision`: never 4-bit, even for qlora (the export merges adapters into fp32 weights).
+    Under ZeRO-3 the caller has called `register_zero3` first: transformers then builds the
+    model inside DeepSpeed's zero.Init and loads the checkpoint straight into the partitions
+    (rank 0 reads it, the others only receive their shard), so no rank ever holds it whole.
+    `full_precision`: never 4-bit, even for qlora (the export merges adapters into it).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     spec = cfg.spec
     if spec.method == "qlora" and not full_precision:
         model = _load_4bit(model_dir, spec.hyperparameters.precision)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token_id is not None:
@@ -72,6 +83,38 @@ def build_model(
     if spec.method in ("lora", "qlora"):
         model = apply_lora(model, cfg, train_embeddings=added_tokens > 0)
     return model
+
+
+def weights_dtype(cfg: TrainerConfig) -> Any:
+    """torch dtype of `llmray.sizing.weights_precision`: 16-bit under DeepSpeed when the
+    precision says so, else fp32 (DDP's autocast keeps fp32 weights)."""
+    import torch
+
+    from llmray.sizing import weights_precision
+
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return names[weights_precision(cfg.spec)]
+
+
+def hidden_size(model_dir: Path) -> int:
+    from llmray.model_shape import from_config
+
+    config = json.loads((model_dir / "config.json").read_text())
+    return from_config(config, str(model_dir)).hidden_size
+
+
+def register_zero3(ds_config: dict[str, Any], dist_backend: str) -> Any:
+    """Registers a ZeRO-3 DeepSpeed config with transformers, so that `from_pretrained` builds
+    the model inside DeepSpeed's zero.Init (public API: `transformers.integrations.
+    HfDeepSpeedConfig`). transformers keeps only a weak reference: the caller keeps the
+    returned object referenced for as long as the model lives."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # DeepSpeed reads the world size from its own communication layer, which wraps the
+    # process group Ray Train made (else it checks train_batch_size against 1 worker).
+    deepspeed.init_distributed(dist_backend=dist_backend)
+    return HfDeepSpeedConfig(ds_config)
 
 
 def _load_4bit(model_dir: Path, precision: str) -> Any:
