@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from llmray import procs
 from llmray.serve_args import ray_serve_env
 
+# The embedded Ray's node address: a loopback one, but not 127.0.0.1 or "localhost", which
+# Ray replaces with the machine's network address (services.resolve_ip_for_localhost).
+LOOPBACK = "127.0.0.2"
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster of a RayJob (RAY_ADDRESS) or start an embedded local one."""
@@ -39,12 +43,15 @@ def _start_local(num_cpus: int | None) -> None:
     # reaper ends them once this process is gone, however it ended.
     procs.start_reaper()
 
-    # Ray's ports listen on this machine's address, not only loopback: keep Ray 2.60's token
-    # authentication (its default; one warning at start) so other hosts cannot submit work.
-    # The dashboard stays on loopback; Ray Train's placement-group cleaner needs its state API
-    # (without it, it warns every few seconds) and users get a local view of the run.
+    # One machine: Ray's node address is loopback, so its processes talk over lo and never
+    # over the machine's network address (Ray's default picks the first interface's).
+    # Ray 2.60's token authentication stays on (its default; one warning at start) for the
+    # ports that still listen on every address. The dashboard stays on loopback; Ray Train's
+    # placement-group cleaner needs its state API (without it, it warns every few seconds)
+    # and users get a local view of the run.
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
+        _node_ip_address=LOOPBACK,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,

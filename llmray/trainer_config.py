@@ -40,6 +40,11 @@ class TrainerConfig(BaseModel):
     progress_file: str = Field(
         default="", description="Append progress records (JSON lines) here; empty: none."
     )
+    run_id: str = Field(
+        default="",
+        description="One run across KubeRay's retries (the FineTuneJob's uid; a new one for "
+        "each `llmray finetune`): spec.maxRetries counts its restarts; empty: per driver.",
+    )
 
 
 def default_rank0_label(job: FineTuneJob) -> dict[str, str]:
@@ -56,6 +61,7 @@ def resolve_trainer_config(
     cpus_per_worker: float,
     rank0_label: dict[str, str] | None = None,
     progress_file: str = "",
+    run_id: str = "",
 ) -> TrainerConfig:
     """Fill what the spec leaves open. Pure: every environment fact is an argument."""
     spec = job.spec
@@ -72,6 +78,7 @@ def resolve_trainer_config(
         cpus_per_worker=cpus_per_worker,
         rank0_label=default_rank0_label(job) if rank0_label is None else rank0_label,
         progress_file=progress_file,
+        run_id=run_id,
     )
 
 

@@ -316,7 +316,8 @@ class FineTuneJobSpec(Model):
     maxRetries: int = Field(
         default=1,
         ge=0,
-        description="Restarts after a worker failure, each resuming from the latest checkpoint.",
+        description="Restarts after a failure (a worker, the driver or the Ray cluster lost), "
+        "counted together, each resuming from the latest checkpoint; preemptions do not count.",
     )
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, description="Fail the job after this many seconds."

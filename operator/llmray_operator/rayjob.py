@@ -116,7 +116,8 @@ def pod_env(job: FineTuneJob) -> dict[str, str]:
     }
 
 
-def trainer_config(job: FineTuneJob, settings: Settings) -> TrainerConfig:
+def trainer_config(job: FineTuneJob, settings: Settings, run_id: str = "") -> TrainerConfig:
+    """The trainer's config for `job`; `run_id` (its uid) makes KubeRay's retries one run."""
     # The operator's default storage is shared by every namespace: runs (named after the
     # job, which resumes them) get a folder per namespace so same-named jobs never meet.
     namespace = job.metadata.namespace or "default"
@@ -128,6 +129,7 @@ def trainer_config(job: FineTuneJob, settings: Settings) -> TrainerConfig:
         cache_dir=f"{pods.CACHE_DIR}/cache",
         cpus_per_worker=float(parse_quantity(job.spec.compute.resourcesPerWorker.cpu)),
         rank0_label=default_rank0_label(job),
+        run_id=run_id,
     )
 
 
@@ -136,7 +138,7 @@ def build(job: FineTuneJob, owner: Owner, settings: Settings) -> FineTuneChildre
     errors = cluster_errors(job, settings)
     if errors:
         raise SpecError(errors)
-    cfg = trainer_config(job, settings)
+    cfg = trainer_config(job, settings, run_id=owner.uid)
     memory_plan = job_plan(job)
     name = ray_name(job.metadata.name)
     child_labels = labels(FINETUNEJOB_LABEL, job.metadata.name, COMPONENT)

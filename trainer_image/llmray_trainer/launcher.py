@@ -19,6 +19,7 @@ from llmray.localray import ensure_ray
 from llmray.paths import pod_path
 from llmray.trainer_config import TrainerConfig
 from llmray_trainer import hardware, placement
+from llmray_trainer.retries import RetryBudget
 
 log = logging.getLogger("llmray.trainer")
 
@@ -107,6 +108,7 @@ def run(cfg: TrainerConfig) -> RunResult:
     preload.start()
     ensure_ray()
     preload.join()
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -122,6 +124,9 @@ def run(cfg: TrainerConfig) -> RunResult:
     worker_env = hardware.worker_env(hw, spec.strategy.type, threads)
     worker_env.update(spec_env(cfg))
     sink = ProgressSink.remote()
+    storage = uris.storage_path_for_ray(
+        cfg.storage_path, Path(cfg.base_dir), field="spec.checkpointing.storageUri"
+    )
 
     def make_trainer() -> TorchTrainer:
         return TorchTrainer(
@@ -136,20 +141,23 @@ def run(cfg: TrainerConfig) -> RunResult:
             ),
             run_config=RunConfig(
                 name=cfg.name,
-                storage_path=uris.storage_path_for_ray(
-                    cfg.storage_path, Path(cfg.base_dir), field="spec.checkpointing.storageUri"
-                ),
-                failure_config=FailureConfig(max_failures=spec.maxRetries),
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=0),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep),
                 worker_runtime_env={"env_vars": worker_env},
             ),
         )
 
+    # Restarts are counted here, across KubeRay's retries too (retries.py), not by Ray Train.
+    budget = RetryBudget(storage, cfg.name, cfg.run_id, spec.maxRetries)
+    budget.start()
     with ProgressWatcher(sink, cfg.progress_file) as watcher:
         while True:
-            result = make_trainer().fit()
-            if result.error is not None:
-                raise result.error
+            try:
+                result = make_trainer().fit()
+            except ray.train.TrainingFailedError as err:
+                budget.start(reason=err)  # raises RetriesUsedUp once they are used up
+                continue  # the same run name resumes from its latest checkpoint
             stopped = (result.return_value or {}).get("preempted")
             if stopped is None:
                 break

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from llmray import paths
@@ -46,6 +47,7 @@ def local_config(job: FineTuneJob, base_dir: Path, cpu_count: int) -> TrainerCon
         cpus_per_worker=min(asked_cores, share) if asked_cores > 0 else share,
         rank0_label={},  # one machine: there is no large-memory node to pick
         progress_file=str(paths.job_dir(job.metadata.name) / "progress.jsonl"),
+        run_id=uuid.uuid4().hex,  # each `llmray finetune` has spec.maxRetries restarts anew
     )
 
 
