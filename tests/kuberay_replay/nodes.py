@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import psutil
 
+from llmray.localray import LOOPBACK
 from tests.kuberay_replay.pods import (
     MissingReference,
     Pod,
@@ -45,6 +46,19 @@ from tests.kuberay_replay.pods import (
 
 # What the image gives every process besides the pod's env: this checkout's Python and code.
 IMAGE_ENV_KEYS = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "HOME", "LANG", "LC_ALL", "USER", "TMPDIR")
+
+
+def image_env() -> dict[str, str]:
+    """The image's environment: IMAGE_ENV_KEYS as this process has them, with this Python's
+    bin folder first on PATH (an image has `ray` and `python` on PATH; a test run started as
+    `.venv/bin/pytest`, without the venv activated, would not)."""
+    env = {k: os.environ[k] for k in IMAGE_ENV_KEYS if k in os.environ}
+    env["PATH"] = os.pathsep.join(
+        [os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])]
+    )
+    return env
+
+
 # Settings of the test environment, not of a pod: no model hub, no usage reports home.
 TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -234,7 +248,7 @@ class RayCluster:
             shutil.rmtree(root)
         root.mkdir(parents=True)
         self._mount_volumes(pod, root)
-        env = {k: os.environ[k] for k in IMAGE_ENV_KEYS if k in os.environ}
+        env = image_env()
         env.update(TEST_ENV)
         try:
             env.update(
@@ -274,7 +288,7 @@ class RayCluster:
             "runtime-env-agent-port",
         ):
             params[key] = str(free_port())
-        params["node-ip-address"] = "127.0.0.1"
+        params["node-ip-address"] = LOOPBACK  # 127.0.0.1 Ray would swap for eth0's address
         # A short folder: Ray's socket paths must stay under 108 characters.
         temp = self._temp_dir(index)
         shutil.rmtree(temp, ignore_errors=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import secrets as secret_tokens
 import shlex
 import string
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.kuberay_replay.nodes import IMAGE_ENV_KEYS, TEST_ENV, RayCluster
+from tests.kuberay_replay.nodes import TEST_ENV, RayCluster, image_env
 from tests.kuberay_replay.pods import Pod, container_env
 
 log = logging.getLogger("kuberay_replay")
@@ -280,7 +279,7 @@ class RayJobReplay:
         pod = f"{self.name}-{random_suffix()}"
         template = (self.spec.get("submitterPodTemplate") or {}).get("spec") or {}
         container = (template.get("containers") or [{}])[0]
-        env = {k: os.environ[k] for k in IMAGE_ENV_KEYS if k in os.environ}
+        env = image_env()
         env.update(TEST_ENV)
         as_pod = Pod(pod, "submitter", False, container, template.get("volumes") or [], {})
         env.update(
