@@ -16,8 +16,14 @@ EXAMPLES = REPO / "examples"
 SESSION_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 _session_env = pytest.MonkeyPatch()
 # Set by pytest itself, or by a library when first imported (`import ray` sets
-# RAY_CLIENT_MODE): not a test's doing.
-SET_BY_OTHERS = {"PYTEST_CURRENT_TEST", "RAY_CLIENT_MODE"}
+# RAY_CLIENT_MODE, accelerate PYTORCH_NVML_BASED_CUDA_CHECK, deepspeed TORCHINDUCTOR_CACHE_DIR;
+# in `make test-images` the first import happens inside a test): not a test's doing.
+SET_BY_OTHERS = {
+    "PYTEST_CURRENT_TEST",
+    "RAY_CLIENT_MODE",
+    "PYTORCH_NVML_BASED_CUDA_CHECK",
+    "TORCHINDUCTOR_CACHE_DIR",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
