@@ -52,11 +52,11 @@ def evaluated(ray_session, tmp_path_factory, tiny_model):
             "baseline": True,
         },
     )
-    return finetune(job), test
+    return finetune(job), test, job
 
 
 def test_the_fine_tuned_model_scores_clearly_above_its_baseline(evaluated, llmray_home):
-    result, _ = evaluated
+    result, _, _ = evaluated
     scores = result.evaluation
     assert scores["exactMatch"] >= scores["baseline"]["exactMatch"] + 0.5, scores
     assert scores["loss"] < scores["baseline"]["loss"], scores
@@ -67,7 +67,7 @@ def test_the_fine_tuned_model_scores_clearly_above_its_baseline(evaluated, llmra
 def test_predictions_are_the_models_greedy_output_one_row_per_record(evaluated):
     from llmray_trainer.generate import chat_answer
 
-    result, test = evaluated
+    result, test, _ = evaluated
     records = [json.loads(line) for line in test.read_text().splitlines()]
     rows = [
         json.loads(line)
@@ -79,3 +79,57 @@ def test_predictions_are_the_models_greedy_output_one_row_per_record(evaluated):
         assert row["results"]["exactMatch"] == (row["output"].strip() == record["response"])
     baseline = Path(result.model_uri, "baseline-predictions.jsonl").read_text().splitlines()
     assert len(baseline) == len(records)
+
+
+def predictions(result) -> list[dict]:
+    text = Path(result.model_uri, "predictions.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_llmray_batch_on_a_finetunejob_jsonl_in_input_order(evaluated, tmp_path, capsys):
+    from llmray_cli.main import main
+
+    result, test, job = evaluated
+    records = [json.loads(line) for line in test.read_text().splitlines()][::-1]
+    records[0] = {"instruction": records[0]["instruction"]}  # no response: no reference
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", str(job), "--input", str(source), "--output", str(out)]) == 0
+    assert f"{len(records)} predictions" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = {p["prompt"]: p["output"] for p in predictions(result)}
+    assert [r["reference"] for r in rows] == [""] + [r["response"] for r in records[1:]]
+    assert [r["output"] for r in rows] == [expected[r["prompt"]] for r in rows]
+    assert [r["prompt"].split("Repeat: ")[1].split("<")[0] for r in rows] == [
+        r["instruction"].split("Repeat: ")[1] for r in records
+    ]
+
+
+def test_llmray_batch_on_an_llmdeployment_parquet(evaluated, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from llmray_cli.main import main
+
+    result, test, _ = evaluated
+    records = [json.loads(line) for line in test.read_text().splitlines()]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(records), source)
+    dep = tmp_path / "dep.yaml"
+    dep.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "llmray.io/v1alpha1",
+                "kind": "LLMDeployment",
+                "metadata": {"name": "repeat"},
+                "spec": {"model": {"uri": result.model_uri}, "generation": {"maxNewTokens": 6}},
+            }
+        )
+    )
+    out = tmp_path / "out.parquet"
+    argv = ["batch", str(dep), "--input", str(source), "--output", str(out), "--workers", "2"]
+    assert main(argv) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert [r["output"] for r in rows] == [p["output"] for p in predictions(result)]
+    assert [r["reference"] for r in rows] == [r["response"] for r in records]

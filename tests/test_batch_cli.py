@@ -1,0 +1,51 @@
+"""`llmray batch` input errors (unit tier: they come before Ray starts or a model loads)."""
+
+from __future__ import annotations
+
+import yaml
+
+from llmray_cli.main import main
+
+JOB = {
+    "apiVersion": "llmray.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "repeat"},
+    "spec": {"baseModel": {"uri": "models/tiny"}, "dataset": {"train": "train.jsonl"}},
+}
+
+
+def test_a_malformed_line_fails_naming_file_and_line(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(JOB))
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"instruction": "Repeat: a"}\n'
+        '{"instruction": "Repeat: b", "response": "b"}\n'
+        '{"instruction": 3}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", str(job), "--input", str(source), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f'error: {source}:3: field "instruction" must be a string, got int (format instruction)\n'
+    )
+    assert not out.exists()
+
+
+def test_a_chat_line_without_messages_fails(tmp_path, capsys):
+    dep = tmp_path / "dep.yaml"
+    spec = {"model": {"uri": str(tmp_path / "model")}}
+    dep.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "llmray.io/v1alpha1",
+                "kind": "LLMDeployment",
+                "metadata": {"name": "d"},
+                "spec": spec,
+            }
+        )
+    )
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"nope": 1}\n')
+    argv = ["batch", str(dep), "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
+    assert main([*argv, "--format", "chat"]) == 2
+    assert f'{source}:2: missing field "messages"' in capsys.readouterr().err
