@@ -1,7 +1,8 @@
 """Batch inference as a Ray Data pipeline: records -> a stateful generator stage -> rows.
 
     ray.data.from_items([{"index": 0, "record": "{...}"}, ...])
-      .map_batches(StatefulGenerator, concurrency=workers, batch_size=batchSize, num_cpus=...)
+      .map_batches(StatefulGenerator, compute=ActorPoolStrategy(size=workers),
+                   batch_size=batchSize, num_cpus=cpus_per_worker)
 
 Each actor of the pool loads the model once (`StatefulGenerator.__init__`), then per batch
 renders the prompts as training rendered them (`prompt_messages`: the chat template, the
@@ -229,7 +230,8 @@ def run_batch(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=min(workers, len(records)),
+        # A fixed pool of `workers` actors (map_batches' `concurrency` is deprecated in 2.51).
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(records))),
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
     )
