@@ -49,3 +49,23 @@ def test_a_chat_line_without_messages_fails(tmp_path, capsys):
     argv = ["batch", str(dep), "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
     assert main([*argv, "--format", "chat"]) == 2
     assert f'{source}:2: missing field "messages"' in capsys.readouterr().err
+
+
+def test_prompts_render_as_training_does_and_the_answer_is_the_reference():
+    from llmray_trainer.batch import prompt_messages
+
+    messages, reference = prompt_messages(
+        {"instruction": "Translate.", "context": "Bonjour", "response": "Hello"}, "instruction"
+    )
+    assert messages == [{"role": "user", "content": "Translate.\n\nBonjour"}]
+    assert reference == "Hello"
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
+    messages, reference = prompt_messages(chat, "chat")
+    assert [m["role"] for m in messages] == ["system", "user"] and reference == "4"
+    assert prompt_messages({"messages": chat["messages"][:2]}, "chat")[1] == ""
