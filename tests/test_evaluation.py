@@ -133,3 +133,25 @@ def test_llmray_batch_on_an_llmdeployment_parquet(evaluated, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert [r["output"] for r in rows] == [p["output"] for p in predictions(result)]
     assert [r["reference"] for r in rows] == [r["response"] for r in records]
+
+
+def test_an_adapter_only_job_is_scored_on_its_base(ray_session, tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "train.jsonl", repeat_records(32, seed=3))
+    test = write_jsonl(tmp_path / "test.jsonl", repeat_records(4, seed=4))
+    job = write_job(
+        tmp_path,
+        "repeat-adapter",
+        tiny_model,
+        train,
+        dataset={"eval": str(test)},
+        method="lora",
+        lora={"targetModules": ["q_proj", "v_proj"]},
+        output={"mergeLora": False},
+        hyperparameters={"maxSteps": 4},
+        compute={"workers": 1},
+        evaluation={"maxNewTokens": 4, "metrics": [{"name": "exactMatch"}, {"name": "loss"}]},
+    )
+    result = finetune(job)
+    assert Path(result.model_uri, "adapter_config.json").exists()
+    assert set(result.evaluation) == {"exactMatch", "loss"}
+    assert len(predictions(result)) == 4
