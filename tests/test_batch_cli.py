@@ -69,3 +69,22 @@ def test_prompts_render_as_training_does_and_the_answer_is_the_reference():
     messages, reference = prompt_messages(chat, "chat")
     assert [m["role"] for m in messages] == ["system", "user"] and reference == "4"
     assert prompt_messages({"messages": chat["messages"][:2]}, "chat")[1] == ""
+
+
+def test_a_bad_evaluation_dataset_line_stops_the_job_before_training(tmp_path, monkeypatch):
+    import pytest
+
+    from llmray_trainer.data import DatasetError
+    from llmray_trainer.local import finetune_file
+
+    monkeypatch.setenv("LLMRAY_HOME", str(tmp_path / "home"))
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a", "response": "a"}\n')
+    (tmp_path / "test.jsonl").write_text('{"instruction": "b", "response": "b"}\n[1]\n')
+    spec = {**JOB["spec"], "evaluation": {"dataset": "test.jsonl"}}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**JOB, "spec": spec}))
+    with pytest.raises(DatasetError) as err:
+        finetune_file(job)
+    assert str(err.value) == (
+        f"{tmp_path / 'test.jsonl'}:2: expected a JSON object, got list (format instruction)"
+    )
