@@ -89,14 +89,20 @@ def _resolve(
             f"{model_uri}",
         )
     if adapter.minEvaluation:
-        gate = _below(job, adapter.minEvaluation, raw.get("evaluation"))
+        gate = evaluation_gate(job, adapter.minEvaluation, raw.get("evaluation"))
         if gate is not None:
             return waiting(*gate)
     return AdapterArgs(name=name, uri=status.model.uri)
 
 
-def _below(job: str, minimum: Mapping[str, float], scores: Any) -> tuple[str, str] | None:
-    """The promotion gate: each metric of minEvaluation reached in status.evaluation."""
+def evaluation_gate(
+    job: str, minimum: Mapping[str, float] | None, scores: Any
+) -> tuple[str, str] | None:
+    """The promotion gate: None when each metric of minEvaluation is reached in the job's
+    status.evaluation (`scores`), else (reason, message naming metric, score and threshold).
+    Used for adapters here and for spec.model by the operator and `llmray serve`."""
+    if not minimum:
+        return None
     scores = scores if isinstance(scores, dict) else {}
     for metric, threshold in minimum.items():
         score = scores.get(metric)
@@ -107,7 +113,8 @@ def _below(job: str, minimum: Mapping[str, float], scores: Any) -> tuple[str, st
             )
         if score < threshold:
             return BELOW_MIN, (
-                f"FineTuneJob {job} scored {metric} {score:g}, below minEvaluation {threshold:g}"
+                f"FineTuneJob {job} scored {metric} {score:g}, below minEvaluation "
+                f"{metric} >= {threshold:g}"
             )
     return None
 

@@ -223,6 +223,8 @@ def _convert_object(
             out["properties"][name] = child
         if node.get("required"):
             out["required"] = list(node["required"])
+        if extra is True:  # named fields plus open ones, e.g. status.evaluation's metrics
+            out["x-kubernetes-preserve-unknown-fields"] = True
     elif isinstance(extra, dict):
         out["additionalProperties"] = _convert(extra, defs, f"{path}.*", status)
     elif extra is True or out.get("x-kubernetes-preserve-unknown-fields"):

@@ -8,10 +8,12 @@ progress record on stdout, which lands in the RayJob's job logs (Ray dashboard
 
 A record carries the fields of `FineTuneJob.status.progress` (the `Progress` model: its
 field names are the record's keys) plus `event` (step, checkpoint, resumed, preempted,
-exported, failed), `time` and, on some events, `checkpoint` / `model` URIs. The operator
-mirrors the last record into `status.progress` (and the latest checkpoint into
-`status.latestCheckpoint`). A `failed` record (the driver's last line when it stops on an
-error) carries the `message` the operator puts into the Failed condition. Pure and free of
+exported, evaluating, evaluated, failed), `time` and, on some events, `checkpoint` / `model`
+URIs; `evaluated` carries `evaluation` (`{metric: value, baseline: {...}}`). The operator
+mirrors the last record into `status.progress`, the latest checkpoint into
+`status.latestCheckpoint` and the scores into `status.evaluation`. A `failed` record (the
+driver's last line when it stops on an error) carries the `message` the operator puts into
+the Failed condition. Pure and free of
 torch and ray so the operator image can parse it.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmray.api.finetunejob import Progress
+from llmray.api.finetunejob import EvaluationScores, Progress
 
 PREFIX = "llmray-progress "
 
@@ -45,17 +47,22 @@ def parse_line(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+# Kept from the latest record carrying them when a later record has none.
+_CARRIED = ("checkpoint", "evaluation")
+
+
 def last_record(lines: Iterable[str]) -> dict[str, Any] | None:
-    """The last record, carrying the latest `checkpoint` of all of them (a later record, such
-    as `exported`, names none: the operator may read the log only after it)."""
-    last = checkpoint = None
+    """The last record, carrying the latest `checkpoint` and `evaluation` of all of them (a
+    later record names neither: the operator may read the log only after it)."""
+    last = None
+    carried: dict[str, Any] = {}
     for line in lines:
         record = parse_line(line)
         if record is not None:
             last = record
-            checkpoint = record.get("checkpoint") or checkpoint
-    if last is not None and checkpoint and not last.get("checkpoint"):
-        last = {**last, "checkpoint": checkpoint}
+            carried.update({k: record[k] for k in _CARRIED if record.get(k)})
+    if last is not None:
+        last = {**carried, **{k: v for k, v in last.items() if v or k not in carried}}
     return last
 
 
@@ -87,3 +94,19 @@ def progress_of(record: Mapping[str, Any]) -> Progress:
     except ValidationError as exc:
         bad = {str(error["loc"][0]) for error in exc.errors()}
         return Progress.model_validate({k: v for k, v in fields.items() if k not in bad})
+
+
+def evaluation_of(record: Mapping[str, Any]) -> EvaluationScores | None:
+    """status.evaluation from a record's `evaluation` (None when it has none or it is not
+    scores: a hand-edited or truncated line must not make the status unwritable)."""
+    raw = record.get("evaluation")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        scores = EvaluationScores.model_validate(raw)
+    except ValidationError:
+        return None
+    values = [v for k, v in scores.model_dump().items() if k != "baseline"]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        return None
+    return scores

@@ -141,6 +141,25 @@ def upload(local: Path, uri: str, base_dir: Path, *, field: str = "spec.output.u
     return uri
 
 
+def put_file(data: bytes, uri: str, base_dir: Path, *, field: str = "") -> str:
+    """Write one file (e.g. predictions.jsonl) at `uri`: locally written beside and renamed
+    into place, on an object store put whole."""
+    where = f"{field}: " if field else ""
+    u = parse(uri, field=field)
+    path = local_path(uri, base_dir, field=field)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return str(path)
+    if u.scheme == "hf":
+        raise UriError(f"{where}{uri}: hf:// is read only; write to s3://, gs://, pvc:// or a path")
+    fs = _filesystem(u.scheme, where)
+    fs.pipe_file(f"{u.authority}/{u.path}", data)
+    return uri
+
+
 def storage_path_for_ray(uri: str, base_dir: Path, *, field: str = "") -> str:
     """Ray Train's `storage_path`: an absolute local path, or s3:// / gs:// as is (pyarrow)."""
     where = f"{field}: " if field else ""

@@ -60,6 +60,11 @@ def finetune(args: argparse.Namespace) -> int:
         )
     if result.eval_loss is not None:
         print(f"eval loss: {result.eval_loss:.4f}")
+    if result.evaluation is not None:
+        from llmray.metrics import summary
+
+        print(f"evaluation: {summary(result.evaluation)}")
+        print(f"predictions: {result.model_uri.rstrip('/')}/predictions.jsonl")
     print(f"latest checkpoint: {result.checkpoint}")
     return 0
 

@@ -4,6 +4,7 @@
     llmray plan FILE.yaml [-o json]     a FineTuneJob's memory per worker and rank 0; fits?
     llmray finetune FILE.yaml           fine-tune on an embedded local Ray
     llmray serve FILE.yaml [--port N]   serve it with an OpenAI-compatible API (Ray Serve)
+    llmray batch FILE.yaml --input URI --output URI   generate for every record (Ray Data)
     llmray init-model DIR [--from tiny|smollm2]
     llmray crds [--out DIR]             print (or write) the CustomResourceDefinitions
     llmray operator [--namespace NS]    run the Kubernetes operator against KUBECONFIG / in-cluster
@@ -22,11 +23,11 @@ import sys
 
 from llmray.api import SpecError
 from llmray.uris import UriError
-from llmray_cli import cluster, local, render, resources
+from llmray_cli import batch, cluster, local, render, resources
 from llmray_cli.errors import UserError
 
 # In `llmray --help` order.
-GROUPS = (resources, local, cluster, render)
+GROUPS = (resources, local, batch, cluster, render)
 # Exit status 2, `error: ...`, no traceback.
 USER_ERRORS = (UserError, SpecError, UriError, FileNotFoundError)
 

@@ -96,7 +96,7 @@ def test_min_evaluation_gates_on_the_jobs_scores():
     low = one(gated, succeeded(evaluation={"answer": 0.21, "exactMatch": 0.41}))
     assert (low.reason, low.message) == (
         "BelowMinEvaluation",
-        "FineTuneJob job scored answer 0.21, below minEvaluation 0.3",
+        "FineTuneJob job scored answer 0.21, below minEvaluation answer >= 0.3",
     )
     unscored = one(gated, succeeded(evaluation={"answer": 0.5}))
     assert unscored.reason == "EvaluationMissing" and "'exactMatch'" in unscored.message

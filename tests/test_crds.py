@@ -419,9 +419,62 @@ FULL_FINETUNEJOB = {
     },
 }
 
+EVAL_SPLIT = {"spec.dataset.evalFraction": 0.1}
 SAMPLES: list[tuple[str, dict[str, Any]]] = [
     # valid
     ("FineTuneJob", {}),
+    # spec.evaluation: valid, invalid by schema, by rule
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {}}),
+    (
+        "FineTuneJob",
+        {
+            "spec.evaluation": {
+                "dataset": "s3://b/test.jsonl",
+                "maxNewTokens": 16,
+                "batchSize": 4,
+                "sampling": {"temperature": 0.7, "topP": 0.9, "seed": 3},
+                "metrics": [
+                    {"name": "exactMatch"},
+                    {"name": "contains"},
+                    {"name": "answer", "regex": "#### (\\d+)"},
+                    {"name": "loss"},
+                    {"name": "perplexity"},
+                ],
+                "baseline": True,
+            },
+            "status": {"evaluation": {"exactMatch": 0.4, "baseline": {"exactMatch": 0.1}}},
+        },
+    ),
+    (
+        "FineTuneJob",
+        {
+            **EVAL_SPLIT,
+            "spec.dataset.format": "text",
+            "spec.evaluation": {"metrics": [{"name": "loss"}, {"name": "perplexity"}]},
+        },
+    ),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"metrics": []}}),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"maxNewTokens": 0}}),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"metrics": [{"name": "a b"}]}}),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"sampling": {"temperature": -1}}}),
+    ("FineTuneJob", {"spec.evaluation": {}}),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"metrics": [{"name": "answer"}]}}),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.evaluation": {"metrics": [{"name": "baseline"}]}}),
+    (
+        "FineTuneJob",
+        {**EVAL_SPLIT, "spec.evaluation": {"metrics": [{"name": "loss"}, {"name": "loss"}]}},
+    ),
+    ("FineTuneJob", {**EVAL_SPLIT, "spec.dataset.format": "text", "spec.evaluation": {}}),
+    (
+        "FineTuneJob",
+        {
+            **EVAL_SPLIT,
+            "spec.dataset.format": "text",
+            "spec.evaluation": {"metrics": [{"name": "a", "regex": "(x)"}]},
+        },
+    ),
+    ("LLMDeployment", {"spec.model": {"fineTuneJobRef": {"name": "j"}, "minEvaluation": {"a": 1}}}),
+    ("LLMDeployment", {"spec.model": {"uri": "s3://b/m", "minEvaluation": {"a": 1}}}),
     ("FineTuneJob", FULL_FINETUNEJOB),
     ("FineTuneJob", {"spec.hyperparameters.maxSteps": None, "spec.lora": None}),
     ("FineTuneJob", {"spec.compute.resourcesPerWorker": {"cpu": 2, "memory": 4096}}),

@@ -6,9 +6,10 @@ rename these.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from llmray.api.common import (
     API_VERSION,
@@ -43,6 +44,15 @@ Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 DEFAULT_ZERO_STAGE = 2
 # A token or module name, e.g. "<ASSISTANT>" or "q_proj".
 ShortString = Annotated[str, Field(max_length=256)]
+# spec.evaluation.metrics: the built-in metrics by name (a metric with `regex` may take any
+# other name, e.g. answer). Generation metrics compare the model's output with the reference;
+# loss and perplexity come from the reference's tokens under the model (no generation).
+GENERATION_METRICS = ("exactMatch", "contains")
+LOSS_METRICS = ("loss", "perplexity")
+BUILTIN_METRICS = GENERATION_METRICS + LOSS_METRICS
+# status.evaluation.baseline holds the base model's scores: no metric may take that name.
+BASELINE_KEY = "baseline"
+EVAL_MAX_NEW_TOKENS = 256  # evaluation: {maxNewTokens: 256}
 
 
 class BaseModelSource(Model):
@@ -295,6 +305,83 @@ class Output(Model):
     )
 
 
+class EvalMetric(Model):
+    """One score of spec.evaluation: a built-in metric, or a regex compared on its first group."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+        description="exactMatch (output == reference, whitespace-trimmed), contains (the "
+        "reference appears in the output), loss (mean loss per reference token), perplexity "
+        "(exp of it); any other name needs regex. The key in status.evaluation.",
+    )
+    regex: str | None = Field(
+        default=None,
+        max_length=1024,
+        description='A Python regular expression with a group, e.g. "#### (\\d+)": the first '
+        "group found in the output is compared with the one found in the reference (the whole "
+        "reference when it has no match).",
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a group, e.g. #### (\\d+): its first group is compared")
+        return value
+
+
+class Sampling(Model):
+    """How evaluation generates: greedy unless a temperature is set."""
+
+    temperature: float = Field(
+        default=0.0, ge=0, le=2, description="0: greedy decoding (the default, reproducible)."
+    )
+    topP: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling top_p.")
+    seed: int = Field(default=0, ge=0, description="Seed of the sampling (temperature > 0).")
+
+
+class Evaluation(Model):
+    """Scores of the exported model on held-out data, by Ray Data batch inference after export.
+
+    Prompts are rendered as in training (instruction: the instruction and context; chat: the
+    messages before the last assistant turn, whose content is the reference). The predictions
+    (prompt, reference, output, each metric's result) go to predictions.jsonl in the model's
+    folder, the scores to status.evaluation.
+    """
+
+    dataset: Uri | None = Field(
+        default=None,
+        description="Evaluation records in spec.dataset.format (.jsonl, .json or .parquet). "
+        "Unset: the eval split (spec.dataset.eval or evalFraction).",
+    )
+    maxNewTokens: int = Field(
+        default=EVAL_MAX_NEW_TOKENS, ge=1, le=32768, description="Tokens generated per prompt."
+    )
+    batchSize: int = Field(
+        default=8, ge=1, le=4096, description="Prompts generated together per worker."
+    )
+    sampling: Sampling = Field(default_factory=Sampling, description="Greedy by default.")
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: [{"name": "exactMatch"}],
+        validate_default=True,
+        min_length=1,
+        max_length=32,
+        description="What is scored; default exactMatch.",
+    )
+    baseline: bool = Field(
+        default=False,
+        description="Also score the base model on the same records (status.evaluation.baseline).",
+    )
+
+
 class FineTuneJobSpec(Model):
     """What to fine-tune, on what, how, and where the result goes."""
 
@@ -313,6 +400,10 @@ class FineTuneJobSpec(Model):
         default_factory=Checkpointing, description="Checkpoints and resume."
     )
     output: Output = Field(default_factory=Output, description="The exported model.")
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description="Score the exported model on held-out data (batch inference); unset: none.",
+    )
     maxRetries: int = Field(
         default=1,
         ge=0,
@@ -362,6 +453,17 @@ class ModelRef(Model):
     )
 
 
+class EvaluationScores(Model):
+    """{metric: score} of spec.evaluation, e.g. {exactMatch: 0.41, answer: 0.37}, and the base
+    model's under baseline."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+    baseline: dict[str, float] | None = Field(
+        default=None, description="The base model's scores (spec.evaluation.baseline)."
+    )
+
+
 class FineTuneJobStatus(Model):
     """Observed state, written by the operator (or by `llmray finetune` locally)."""
 
@@ -379,6 +481,11 @@ class FineTuneJobStatus(Model):
     progress: Progress = Field(default_factory=Progress, description="Training progress.")
     latestCheckpoint: str = Field(default="", description="URI of the latest checkpoint.")
     model: ModelRef = Field(default_factory=ModelRef, description="The produced model.")
+    evaluation: EvaluationScores | None = Field(
+        default=None,
+        description="spec.evaluation's scores, {metric: value}, and the baseline's; what an "
+        "LLMDeployment's minEvaluation is checked against.",
+    )
 
 
 class FineTuneJob(Model):

@@ -70,6 +70,13 @@ class ModelSpec(Model):
         description="Serve what this FineTuneJob produced (its status.model.uri) once it "
         "Succeeded; until then the phase is WaitingForModel.",
     )
+    minEvaluation: dict[str, float] | None = Field(
+        default=None,
+        max_length=16,
+        description="Serve the job's model only if its status.evaluation scores reach these "
+        "values, e.g. {exactMatch: 0.4} (fineTuneJobRef only); below: phase Failed, reason "
+        "BelowMinEvaluation.",
+    )
     servedName: str | None = Field(
         default=None,
         max_length=NAME_MAX_LENGTH,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from llmray.api.finetunejob import FineTuneJob
+from llmray.api.finetunejob import BASELINE_KEY, BUILTIN_METRICS, LOSS_METRICS, FineTuneJob
 from llmray.api.llmdeployment import LLMDeployment
 
 
@@ -52,6 +52,10 @@ class CrossFieldRule:
     message: str
     cel: str
     check: Callable[[dict[str, Any]], bool]  # raw scope object -> ok?
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 def _get(obj: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -131,6 +135,62 @@ FINETUNEJOB_RULES: list[CrossFieldRule] = [
     ),
     CrossFieldRule(
         "spec",
+        "spec.evaluation.dataset",
+        "needed when spec.dataset has no eval split (eval or evalFraction)",
+        "!has(self.evaluation) || has(self.evaluation.dataset) || has(self.dataset.eval) || "
+        "has(self.dataset.evalFraction)",
+        lambda s: (
+            not isinstance(s.get("evaluation"), dict)
+            or _get(s, "evaluation.dataset") is not None
+            or _get(s, "dataset.eval") is not None
+            or _get(s, "dataset.evalFraction") is not None
+        ),
+    ),
+    CrossFieldRule(
+        "spec.evaluation",
+        "spec.evaluation.metrics",
+        f"each metric is one of {', '.join(BUILTIN_METRICS)} or sets regex, and none is "
+        f"named {BASELINE_KEY}",
+        "!has(self.metrics) || self.metrics.all(m, m.name != '"
+        + BASELINE_KEY
+        + "' && (has(m.regex) || m.name in "
+        + _cel_list(BUILTIN_METRICS)
+        + "))",
+        lambda s: all(
+            m.get("name") != BASELINE_KEY
+            and (m.get("regex") is not None or m.get("name") in BUILTIN_METRICS)
+            for m in _metrics(s)
+        ),
+    ),
+    CrossFieldRule(
+        "spec.evaluation",
+        "spec.evaluation.metrics",
+        "metric names must be unique",
+        "!has(self.metrics) || self.metrics.all(m, self.metrics.exists_one(n, n.name == m.name))",
+        lambda s: len({m.get("name") for m in _metrics(s)}) == len(_metrics(s)),
+    ),
+    CrossFieldRule(
+        "spec",
+        "spec.evaluation.metrics",
+        "a text dataset has no prompt / reference split: only "
+        f"{' and '.join(LOSS_METRICS)} (format instruction or chat generates)",
+        "!has(self.evaluation) || !has(self.dataset.format) || self.dataset.format != 'text' "
+        "|| (has(self.evaluation.metrics) && self.evaluation.metrics.all(m, !has(m.regex) && "
+        "m.name in " + _cel_list(LOSS_METRICS) + "))",
+        lambda s: (
+            not isinstance(s.get("evaluation"), dict)
+            or _get(s, "dataset.format") != "text"
+            or (
+                isinstance(_get(s, "evaluation.metrics"), list)
+                and all(
+                    m.get("regex") is None and m.get("name") in LOSS_METRICS
+                    for m in _metrics(s.get("evaluation"))
+                )
+            )
+        ),
+    ),
+    CrossFieldRule(
+        "spec",
         "spec.hyperparameters.precision",
         "fp16 needs a GPU accelerator; use bf16 or fp32 on cpu",
         "!has(self.hyperparameters) || !has(self.hyperparameters.precision) || "
@@ -161,6 +221,13 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         "set exactly one of spec.model.uri and spec.model.fineTuneJobRef",
         "has(self.uri) != has(self.fineTuneJobRef)",
         lambda s: (s.get("uri") is None) != (s.get("fineTuneJobRef") is None),
+    ),
+    CrossFieldRule(
+        "spec.model",
+        "spec.model.minEvaluation",
+        "only allowed with spec.model.fineTuneJobRef (it gates the job's scores)",
+        "!has(self.minEvaluation) || has(self.fineTuneJobRef)",
+        lambda s: s.get("minEvaluation") is None or s.get("fineTuneJobRef") is not None,
     ),
     CrossFieldRule(
         "spec",
@@ -232,6 +299,12 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         ),
     ),
 ]
+
+
+def _metrics(evaluation: Any) -> list[dict[str, Any]]:
+    """spec.evaluation.metrics' entries that are objects (the schema check reports the rest)."""
+    items = evaluation.get("metrics") if isinstance(evaluation, dict) else None
+    return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
 
 
 def _adapters(spec: Any) -> list[dict[str, Any]]:

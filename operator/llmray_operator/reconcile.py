@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmray import progress as progress_lines
-from llmray.adapters import referenced_jobs, resolve_adapters
+from llmray.adapters import evaluation_gate, referenced_jobs, resolve_adapters
 from llmray.api.common import condition
 from llmray.api.finetunejob import FineTuneJobStatus, ModelRef
 from llmray.api.validation import SpecError, parse_finetunejob, parse_llmdeployment
@@ -262,6 +262,13 @@ class Reconciler:
                 f"{failed.message if failed else ''}",
             ), ""
         if phase == "Succeeded" and st.model.uri:
+            # The promotion gate: a finished job's scores never change, so below the
+            # threshold is final (lowering minEvaluation or another job ref serves again).
+            gate = evaluation_gate(
+                ref.name, dep.spec.model.minEvaluation, (job.get("status") or {}).get("evaluation")
+            )
+            if gate is not None:
+                return Verdict("Failed", *gate), ""
             return Verdict("Deploying", "Creating"), st.model.uri
         return Verdict(
             "WaitingForModel",

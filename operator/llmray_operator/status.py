@@ -15,10 +15,12 @@ from llmray.adapters import BASE_MISMATCH, BELOW_MIN, FAILED, NO_SCORE, NOT_AN_A
 from llmray.api.common import Condition, condition
 from llmray.api.finetunejob import FineTuneJobStatus, ModelRef, Progress
 from llmray.api.llmdeployment import AdapterStatus, LLMDeploymentStatus
-from llmray.progress import failure_of, progress_of
+from llmray.progress import evaluation_of, failure_of, progress_of
 from llmray.serve_args import AdapterArgs
 
 TERMINAL = ("Succeeded", "Failed")
+# Reasons a referenced job's model is not served: it failed, or the promotion gate refused it.
+_MODEL_REFUSED = ("ModelFailed", BELOW_MIN, NO_SCORE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
 
 
@@ -108,10 +110,12 @@ def finetunejob_status(
         completion_time = st.get("endTime") or now
     progress_fields = before.progress.model_dump(exclude_unset=True)
     latest_checkpoint = before.latestCheckpoint
+    evaluation = before.evaluation
     if progress:
         progress_fields.update(progress_of(progress).model_dump(exclude_unset=True))
         if progress.get("checkpoint"):
             latest_checkpoint = str(progress["checkpoint"])
+        evaluation = evaluation_of(progress) or evaluation
     produced = (
         ModelRef(uri=model_uri, adapter=True, baseModel=adapter_base)
         if adapter_base
@@ -127,6 +131,7 @@ def finetunejob_status(
         completionTime=completion_time,
         progress=Progress.model_validate(progress_fields),
         latestCheckpoint=latest_checkpoint,
+        **({"evaluation": evaluation} if evaluation is not None else {}),
         model=ModelRef.model_validate(
             model.model_dump(include={"uri"} | model.model_fields_set)
         ),  # uri even when empty; adapter and baseModel for an adapter
@@ -235,7 +240,7 @@ def llmdeployment_status(
         for t in ("UpgradeInProgress", "RollbackInProgress")
     )
     ready = verdict.phase == "Ready"
-    model_ok = verdict.phase not in ("WaitingForModel",) and verdict.reason != "ModelFailed"
+    model_ok = verdict.phase != "WaitingForModel" and verdict.reason not in _MODEL_REFUSED
     status = LLMDeploymentStatus(
         phase=verdict.phase,
         observedGeneration=generation,

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from llmray import paths, procs
+from llmray.adapters import evaluation_gate
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.loader import load_resource
 from llmray.serve_args import API_KEY_ENV, ServeArgs, resolve_serve_args
@@ -60,6 +61,9 @@ def local_model_uri(dep: LLMDeployment) -> str:
             f"spec.model.fineTuneJobRef: FineTuneJob {ref.name!r} is "
             f"{status.get('phase')}, not Succeeded"
         )
+    gate = evaluation_gate(ref.name, dep.spec.model.minEvaluation, status.get("evaluation"))
+    if gate is not None:
+        raise ModelNotReady(f"spec.model.minEvaluation: {gate[0]}: {gate[1]}")
     return status["model"]["uri"]
 
 

@@ -81,8 +81,11 @@ class TokenizedExamples(list):
 # --- loading and validation ---
 
 
-def load_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+def load_records(path: Path, fmt: str, *, prompts: bool = False) -> list[dict[str, Any]]:
     """Every record of a .jsonl / .json / .parquet file, validated for `fmt`.
+
+    `prompts`: records to generate from (`llmray batch`), whose answer is optional: an
+    instruction record without "response", a chat without an assistant message.
 
     Raises DatasetError on the first bad record (naming file and line or record index), or
     when the file holds no records. A .json file is a list of objects, {"data": [...]}, or
@@ -105,7 +108,7 @@ def load_records(path: Path, fmt: str) -> list[dict[str, Any]]:
         )
     records = []
     for line, index, obj in located:
-        reason = validate_record(obj, fmt)
+        reason = validate_record(obj, fmt, prompts=prompts)
         if reason:
             raise DatasetError(path, line, reason, record=index)
         records.append(obj)
@@ -165,11 +168,14 @@ def _read_parquet(path: Path) -> Iterator[tuple[int | None, int | None, Any]]:
         yield None, index, obj
 
 
-def validate_record(obj: Any, fmt: str) -> str | None:
-    """Why `obj` is not a valid `fmt` record, or None when it is."""
+def validate_record(obj: Any, fmt: str, *, prompts: bool = False) -> str | None:
+    """Why `obj` is not a valid `fmt` record, or None when it is (`prompts`: see
+    `load_records`)."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {_kind(obj)} (format {fmt})"
     reason = _RECORD_CHECKS[fmt](obj)
+    if prompts and reason in _ANSWER_MISSING:
+        reason = None
     if reason is None:
         return None
     looks = _looks_like(obj)
@@ -218,7 +224,7 @@ def _check_chat(obj: dict[str, Any]) -> str | None:
         if not isinstance(content, str) and not (calls and content is None):
             return f"messages[{i}].content must be a string, got {_kind(content)}"
     if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message: nothing to train on"
+        return _NO_ASSISTANT
     return None
 
 
@@ -264,6 +270,9 @@ def _check_tool_calls(calls: Any, names: set[str] | None, where: str) -> str | N
     return None
 
 
+# A record's reasons that only say its answer is missing: fine for a prompt.
+_NO_ASSISTANT = "no assistant message: nothing to train on"
+_ANSWER_MISSING = ('missing field "response"', _NO_ASSISTANT)
 _RECORD_CHECKS = {"instruction": _check_instruction, "text": _check_text, "chat": _check_chat}
 
 

@@ -50,6 +50,12 @@ class RunResult:
         return resumed[-1] if resumed else None
 
     @property
+    def evaluation(self) -> dict[str, Any] | None:
+        """spec.evaluation's scores (status.evaluation), None without spec.evaluation."""
+        done = [r["evaluation"] for r in self.records if r.get("event") == "evaluated"]
+        return done[-1] if done else None
+
+    @property
     def eval_loss(self) -> float | None:
         evals = [r["evalLoss"] for r in self.records if r.get("evalLoss") is not None]
         return evals[-1] if evals else None
@@ -82,12 +88,14 @@ def _import_trainer_modules() -> None:
 
 
 def run(cfg: TrainerConfig) -> RunResult:
+    from llmray_trainer.evaluate import evaluation_records
     from llmray_trainer.inputs import load_raw_splits
 
     spec = cfg.spec
     # Fail on bad data in seconds, before any worker or model download.
     train_records, eval_records = load_raw_splits(cfg)
     log.info("dataset: %d train / %d eval records", len(train_records), len(eval_records))
+    scored = evaluation_records(cfg, eval_records)
     if not uris.is_remote(spec.baseModel.uri):  # a typo'd path fails here, not in each worker
         uris.fetch(
             spec.baseModel.uri,
@@ -163,5 +171,11 @@ def run(cfg: TrainerConfig) -> RunResult:
                 break
             # Told to stop (preemption.py): the same run again resumes after that step.
             log.warning("preempted at step %d: starting again from its checkpoint", stopped)
+        if spec.evaluation is not None:
+            from llmray_trainer.evaluate import evaluate
+
+            # The training workers are gone: the batch inference actors take their places.
+            scores = evaluate(cfg, scored, watcher.add, spec.compute.resourcesPerWorker.gpu)
+            watcher.add({"event": "evaluated", "evaluation": scores})
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     return RunResult(cfg.name, cfg.output_uri, checkpoint, watcher.records)

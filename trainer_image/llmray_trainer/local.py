@@ -85,6 +85,7 @@ def finetune_file(path: str | Path) -> RunResult:
             # an adapter also says so, and of which base model
             model=produced_model(cfg).model_copy(update={"uri": result.model_uri}),
             progress=progress_of({**last, "evalLoss": result.eval_loss}),
+            **({"evaluation": result.evaluation} if result.evaluation is not None else {}),
         ),
     )
     return result

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from llmray.metrics import summary
 from llmray.progress import format_line
 
 
@@ -58,6 +59,12 @@ class ProgressWatcher:
         if self._bar is not None:
             self._bar.close()
 
+    def add(self, record: dict[str, Any]) -> None:
+        """A record of the driver's own (evaluation), rendered as the workers' are."""
+        self._poll()  # keep the order: what the workers sent first
+        self.records.append(record)
+        self._render(record)
+
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             self._poll()
@@ -78,7 +85,12 @@ class ProgressWatcher:
         if not self.tty:
             print(format_line(record), flush=True)
             return
-        if record.get("event") != "step":
+        event = record.get("event")
+        if event == "evaluating":
+            print(f"evaluating {record['model']} on {record['records']} records", file=sys.stderr)
+        if event == "evaluated":
+            print(f"evaluation: {summary(record['evaluation'])}", file=sys.stderr)
+        if event != "step":
             return
         if self._bar is None:
             from tqdm import tqdm
