@@ -428,6 +428,30 @@ LLMDEPLOYMENT_RULE_CASES = [
         {"spec.model.servedName": "base", "spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]},
         None,
     ),
+    ({"spec.dtype": "bfloat16"}, None),
+    ({"spec.quantization": "int8"}, None),  # cpu + auto engine: transformers
+    ({"spec.quantization": "int8", "spec.engine": "transformers", "spec.dtype": "float32"}, None),
+    (
+        {"spec.quantization": "int8", "spec.compute.accelerator": "nvidia-gpu"},
+        "spec.quantization: int8 needs spec.compute.accelerator cpu and spec.engine "
+        "transformers (or auto)",
+    ),
+    (
+        {
+            "spec.quantization": "int8",
+            "spec.engine": "vllm",
+            "spec.compute.accelerator": "nvidia-gpu",
+        },
+        "spec.quantization: int8 needs spec.compute.accelerator cpu",
+    ),
+    (
+        {"spec.quantization": "int8", "spec.dtype": "bfloat16"},
+        "spec.quantization: int8 runs in float32: spec.dtype must be auto or float32",
+    ),
+    (
+        {"spec.quantization": "int8", "spec.compute.ipex": True},
+        "spec.quantization: int8 is not available with spec.compute.ipex true",
+    ),
 ]
 
 DESIGN_ADAPTERS = """

@@ -23,6 +23,7 @@ from llmray.api.common import (
     Toleration,
     Uri,
 )
+from llmray.precision import DTYPE_DEFAULT, QUANTIZATION_DEFAULT, Dtype, Quantization
 
 KIND = "LLMDeployment"
 PLURAL = "llmdeployments"  # e.g. kubectl get llmdeployments
@@ -161,6 +162,19 @@ class LLMDeploymentSpec(Model):
         default="auto",
         description="auto (vllm on nvidia-gpu when installed, else transformers), "
         "transformers or vllm.",
+    )
+    dtype: Dtype = Field(
+        default=DTYPE_DEFAULT,
+        description="Precision of the served weights and activations: auto, float32, "
+        "bfloat16 or float16. auto: bfloat16 on GPUs and on CPUs with native bf16 (AMX or "
+        "AVX-512 BF16, detected on the replica's node), else float32 (bf16 is emulated, "
+        "10-20x slower, there). /v1/models and the server's log say which one runs.",
+    )
+    quantization: Quantization = Field(
+        default=QUANTIZATION_DEFAULT,
+        description="none, or int8: dynamic int8 quantization of the model's Linear layers "
+        "(int8 weights, float32 activations; CPU with the transformers engine only). See "
+        "BENCHMARKS.md for its speed and quality against float32.",
     )
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Replica hardware.")
     scaling: Scaling = Field(default_factory=Scaling, description="Replica autoscaling.")
