@@ -3,8 +3,9 @@
 `auto` (the default) is bfloat16 only where the hardware computes it natively, float32
 elsewhere: measured on CPUs without bf16 instructions (AVX2-only EPYCs), bf16 ran 10-20x
 slower than fp32 (the arithmetic is emulated), and on Xeons with AMX it ran faster. GPUs have
-bf16 (float16 where a CUDA GPU lacks it). `quantization: int8` (dynamic int8 of the Linear
-layers, CPU only) keeps its activations in float32, so it runs in float32. Pure: the CPU's
+bf16 (float16 where a CUDA GPU lacks it). The transformers engine's experimental int8 (dynamic
+int8 Linear layers, CPU only; not a spec field: it failed the quality check, BENCHMARKS.md)
+keeps its activations in float32, so it runs in float32. Pure: the CPU's
 flags are read by the caller (`read_cpu_flags`), so a test passes any flags it likes.
 
     resolve_dtype("auto", device_type="cpu", native_bf16=cpu_native_bf16({"avx2"}))
@@ -20,7 +21,7 @@ from typing import Literal
 
 # spec.dtype, e.g. dtype: bfloat16; auto: bfloat16 where native, else float32.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-# spec.quantization, e.g. quantization: int8 (dynamic int8 Linear layers, CPU transformers).
+# The transformers engine's `quantization` (benchmarks/serve_precision.py): none | int8.
 Quantization = Literal["none", "int8"]
 DTYPE_DEFAULT = "auto"
 QUANTIZATION_DEFAULT = "none"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmray.api import llmdeployment as generation
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.quantity import parse_quantity
-from llmray.precision import DTYPE_DEFAULT, QUANTIZATION_DEFAULT, Dtype, Quantization
+from llmray.precision import DTYPE_DEFAULT, Dtype
 
 API_KEY_ENV = "LLMRAY_API_KEY"  # e.g. LLMRAY_API_KEY=s3cret, from apiKeySecretRef
 CACHE_DIR = "/tmp/llmray-cache"  # where a replica downloads its model, e.g. /tmp/llmray-cache/...
@@ -62,7 +62,6 @@ class ServeArgs(BaseModel):
     dtype: Dtype = Field(
         default=DTYPE_DEFAULT, description="spec.dtype; auto is resolved on the replica."
     )
-    quantization: Quantization = QUANTIZATION_DEFAULT
     max_new_tokens: int = generation.MAX_NEW_TOKENS
     max_prompt_tokens: int = generation.MAX_PROMPT_TOKENS
     temperature: float = generation.TEMPERATURE
@@ -154,7 +153,6 @@ def resolve_serve_args(
         accelerator=spec.compute.accelerator,
         ipex=spec.compute.ipex,
         dtype=spec.dtype,
-        quantization=spec.quantization,
         max_new_tokens=spec.generation.maxNewTokens,
         max_prompt_tokens=spec.generation.maxPromptTokens,
         temperature=spec.generation.temperature,

@@ -668,20 +668,7 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ),
     ("LLMDeployment", {"spec.dtype": "float16"}),
     ("LLMDeployment", {"spec.dtype": "fp8"}),
-    ("LLMDeployment", {"spec.quantization": "int4"}),
     ("LLMDeployment", {"spec.quantization": "int8"}),
-    ("LLMDeployment", {"spec.quantization": "int8", "spec.dtype": "float32"}),
-    ("LLMDeployment", {"spec.quantization": "int8", "spec.dtype": "bfloat16"}),
-    ("LLMDeployment", {"spec.quantization": "int8", "spec.compute.accelerator": "intel-gpu"}),
-    ("LLMDeployment", {"spec.quantization": "int8", "spec.compute.ipex": True}),
-    (
-        "LLMDeployment",
-        {
-            "spec.quantization": "int8",
-            "spec.engine": "vllm",
-            "spec.compute.accelerator": "nvidia-gpu",
-        },
-    ),
 ]
 
 

@@ -1,5 +1,5 @@
-"""Serving precision: spec.dtype resolved on the replica's hardware, spec.quantization int8,
-and what the server says about them (serve args, /v1/models, the RayService it renders)."""
+"""Serving precision: spec.dtype resolved on the replica's hardware, and what the server says
+about it (serve args, the RayService it renders, /v1/models)."""
 
 from __future__ import annotations
 
@@ -100,12 +100,11 @@ def deployment(**spec) -> dict:
     }
 
 
-def test_serve_args_carry_dtype_and_quantization() -> None:
-    dep = parse_llmdeployment(deployment(dtype="float32", quantization="int8"))
-    args = resolve_serve_args(dep, model_uri="s3://bucket/models/demo")
-    assert (args.dtype, args.quantization) == ("float32", "int8")
+def test_serve_args_carry_the_dtype() -> None:
+    dep = parse_llmdeployment(deployment(dtype="float32"))
+    assert resolve_serve_args(dep, model_uri="s3://bucket/models/demo").dtype == "float32"
     default = resolve_serve_args(parse_llmdeployment(deployment()), model_uri="x")
-    assert (default.dtype, default.quantization) == ("auto", "none")
+    assert default.dtype == "auto"
 
 
 def test_the_rayservice_passes_them_to_the_replicas() -> None:
@@ -116,7 +115,7 @@ def test_the_rayservice_passes_them_to_the_replicas() -> None:
     dep = parse_llmdeployment(deployment(dtype="bfloat16"))
     config = rayservice.serve_config(rayservice.serve_args(dep, "s3://bucket/models/demo"))
     args = yaml.safe_load(config)["applications"][0]["args"]
-    assert (args["dtype"], args["quantization"]) == ("bfloat16", "none")
+    assert args["dtype"] == "bfloat16"
 
 
 async def test_models_shows_the_precision() -> None:

@@ -23,7 +23,7 @@ from llmray.api.common import (
     Toleration,
     Uri,
 )
-from llmray.precision import DTYPE_DEFAULT, QUANTIZATION_DEFAULT, Dtype, Quantization
+from llmray.precision import DTYPE_DEFAULT, Dtype
 
 KIND = "LLMDeployment"
 PLURAL = "llmdeployments"  # e.g. kubectl get llmdeployments
@@ -169,12 +169,6 @@ class LLMDeploymentSpec(Model):
         "bfloat16 or float16. auto: bfloat16 on GPUs and on CPUs with native bf16 (AMX or "
         "AVX-512 BF16, detected on the replica's node), else float32 (bf16 is emulated, "
         "10-20x slower, there). /v1/models and the server's log say which one runs.",
-    )
-    quantization: Quantization = Field(
-        default=QUANTIZATION_DEFAULT,
-        description="none, or int8: dynamic int8 quantization of the model's Linear layers "
-        "(int8 weights, float32 activations; CPU with the transformers engine only). See "
-        "BENCHMARKS.md for its speed and quality against float32.",
     )
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Replica hardware.")
     scaling: Scaling = Field(default_factory=Scaling, description="Replica autoscaling.")

@@ -178,37 +178,6 @@ LLMDEPLOYMENT_RULES: list[CrossFieldRule] = [
         "!has(self.compute.accelerator) || self.compute.accelerator != 'nvidia-gpu'",
         lambda s: not _get(s, "compute.ipex") or _get(s, "compute.accelerator") != "nvidia-gpu",
     ),
-    # Dynamic int8 (torch's quantized Linear kernels, fbgemm / oneDNN) exists on CPUs only,
-    # in the transformers engine; it quantizes float32 Linear layers and keeps fp32
-    # activations, and IPEX's optimize brings its own kernels in place of those layers.
-    CrossFieldRule(
-        "spec",
-        "spec.quantization",
-        "int8 needs spec.compute.accelerator cpu and spec.engine transformers (or auto)",
-        "!has(self.quantization) || self.quantization != 'int8' || "
-        "((!has(self.engine) || self.engine != 'vllm') && (!has(self.compute) || "
-        "!has(self.compute.accelerator) || self.compute.accelerator == 'cpu'))",
-        lambda s: (
-            s.get("quantization") != "int8"
-            or (s.get("engine") != "vllm" and _get(s, "compute.accelerator", "cpu") == "cpu")
-        ),
-    ),
-    CrossFieldRule(
-        "spec",
-        "spec.quantization",
-        "int8 runs in float32: spec.dtype must be auto or float32",
-        "!has(self.quantization) || self.quantization != 'int8' || !has(self.dtype) || "
-        "self.dtype in ['auto', 'float32']",
-        lambda s: s.get("quantization") != "int8" or s.get("dtype", "auto") in ("auto", "float32"),
-    ),
-    CrossFieldRule(
-        "spec",
-        "spec.quantization",
-        "int8 is not available with spec.compute.ipex true",
-        "!has(self.quantization) || self.quantization != 'int8' || !has(self.compute) || "
-        "!has(self.compute.ipex) || !self.compute.ipex",
-        lambda s: s.get("quantization") != "int8" or not _get(s, "compute.ipex"),
-    ),
     CrossFieldRule(
         "spec",
         "spec.adapters",

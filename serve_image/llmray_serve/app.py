@@ -156,7 +156,6 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
         device=hardware.profile(args.accelerator, args.ipex).device_type,
         ipex=args.ipex,
         dtype=args.dtype,
-        quantization=args.quantization,
         max_ongoing=args.max_ongoing_requests,
         max_seq_tokens=max_seq_tokens,
     )

@@ -75,8 +75,8 @@ class TransformersEngine(TokenizerPrompts):
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
         A generation step running longer than `stuck_after_s` makes the engine unhealthy.
-        `dtype` and `quantization`: spec.dtype and spec.quantization (hf_model.py); the
-        precision it runs in is `self.precision`."""
+        `dtype`: spec.dtype; `quantization`: "int8" for the experimental dynamic int8
+        (hf_model.py, not a spec field); the precision it runs in is `self.precision`."""
         self.tokenizer = load_tokenizer(model_dir)
         model, self.precision = load_model(
             model_dir, device=device, dtype=dtype, quantization=quantization, ipex=ipex

@@ -1,9 +1,11 @@
 """The transformers engine's model, loaded in the precision the spec asks for.
 
-`spec.dtype` (auto: bfloat16 only where the device computes it natively, llmray.precision),
-`spec.quantization: int8` (torch's dynamic int8 Linear layers: int8 weights, activations
-quantized per step, CPU only) and IPEX's optimize, in one place; the engine reports the
-result (`Precision`) in /v1/models, its log and a metric.
+`spec.dtype` (auto: bfloat16 only where the device computes it natively, llmray.precision)
+and IPEX's optimize, in one place; the engine reports the result (`Precision`) in
+/v1/models, its log and a metric. `quantization="int8"` (torch's dynamic int8 Linear layers:
+int8 weights, activations quantized per step, CPU only) is an experiment, not a spec field:
+on SmolLM2-135M it nearly doubled the held-out perplexity and changed every greedy answer
+(BENCHMARKS.md, benchmarks/serve_precision.py).
 
     model, precision = load_model("models/tiny", device="cpu", dtype="auto")
     precision -> Precision(dtype="float32", quantization="none", reason="auto: this CPU ...")
