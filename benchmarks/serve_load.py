@@ -8,6 +8,9 @@ HAProxy ingress: the client's latency minus the replica's `openai-processing-ms`
 
     python benchmarks/serve_load.py                       # tiny model, updates BENCHMARKS.md
     python benchmarks/serve_load.py --model models/smollm2-135m-instruct --no-write
+    python benchmarks/serve_load.py --model ... --dtype float32 --peers none --levels 1,16
+
+`--dtype` is llmray's spec.dtype (the peers stay float32); `--peers none` runs llmray alone.
 
 The naive baseline is FastAPI + uvicorn in one process, a lock around `model.generate`: what a
 hand-rolled server does, and what the 2x goal is measured against. The second baseline is
@@ -199,8 +202,13 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", help="llmray's spec.dtype")
+    parser.add_argument(
+        "--peers", default="naive,transformers-serve", help="comma-separated, or none"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    peers = set(args.peers.split(",")) - {"none", ""}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.model:
@@ -223,22 +231,33 @@ def main() -> int:
             max_new_tokens=max(256, args.max_tokens),
             max_ongoing_requests=max(levels) * 2,
             num_cpus=0,
+            dtype=args.dtype,
         ),
         free_port(),
     )
-    naive_port = free_port()
-    naive_server(model_dir, naive_port)
-    naive_url = f"http://127.0.0.1:{naive_port}/v1"
-    ts_port = free_port()
-    ts = transformers_serve(model_dir, ts_port)
-    ts_url, ts_model = f"http://127.0.0.1:{ts_port}/v1", str(model_dir)
+    import openai
+
+    served = openai.OpenAI(base_url=llmray_url, api_key="unused").models.list().data[0]
+    precision = f"{served.dtype}, quantization {served.quantization}"
+    if args.dtype != "auto":
+        label += f" ({precision})"
+    naive_url = ts_url = ts = None
+    if "naive" in peers:
+        naive_port = free_port()
+        naive_server(model_dir, naive_port)
+        naive_url = f"http://127.0.0.1:{naive_port}/v1"
+    if "transformers-serve" in peers:
+        ts_port = free_port()
+        ts = transformers_serve(model_dir, ts_port)
+        ts_url, ts_model = f"http://127.0.0.1:{ts_port}/v1", str(model_dir)
     time.sleep(3)
 
+    skipped = {"tokens_per_s": float("nan"), "p50_s": float("nan"), "p99_s": float("nan")}
     rows = []
     for c in levels:
         ours = load(llmray_url, "m", c, args.requests, args.max_tokens)
-        base = load(naive_url, "m", c, args.requests, args.max_tokens)
-        hf = load(ts_url, ts_model, c, args.requests, args.max_tokens)
+        base = load(naive_url, "m", c, args.requests, args.max_tokens) if naive_url else skipped
+        hf = load(ts_url, ts_model, c, args.requests, args.max_tokens) if ts_url else skipped
         streamed = load(llmray_url, "m", c, max(c, args.requests // 2), args.max_tokens, True)
         rows.append(
             f"| {c} | {ours['tokens_per_s']:.0f} | {base['tokens_per_s']:.0f} | "
@@ -250,9 +269,10 @@ def main() -> int:
             f"{streamed['ttft_p50_s'] * 1000:.0f} |"
         )
     ours_one, inside_one = one_token(llmray_url, "m")
-    naive_one, _ = one_token(naive_url, "m")
-    hf_one, _ = one_token(ts_url, ts_model)
-    ts.terminate()
+    naive_one = one_token(naive_url, "m")[0] if naive_url else float("nan")
+    hf_one = one_token(ts_url, ts_model)[0] if ts_url else float("nan")
+    if ts is not None:
+        ts.terminate()
     overhead = ours_one - (inside_one or 0.0)
     report = "\n".join(
         [
@@ -260,7 +280,8 @@ def main() -> int:
             "",
             f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
             f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
-            "engine (continuous batching); naive: FastAPI + one `generate` per request; "
+            f"engine (continuous batching), {precision}; naive: FastAPI + one `generate` per "
+            "request; "
             "transformers serve: `--continuous-batching`, one process, no Ray.",
             "",
             "| concurrency | llmray tokens/s | naive tokens/s | transformers serve tokens/s "
@@ -282,7 +303,9 @@ def main() -> int:
 
         write_block(
             report,
-            key="serve_load" + ("" if not args.model else "-" + Path(args.model).name),
+            key="serve_load"
+            + ("" if not args.model else "-" + Path(args.model).name)
+            + ("" if args.dtype == "auto" else f"-{args.dtype}"),
             title=f"Serving load: {label}",
         )
     from ray import serve

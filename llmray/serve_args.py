@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmray.api import llmdeployment as generation
 from llmray.api.llmdeployment import LLMDeployment
 from llmray.api.quantity import parse_quantity
+from llmray.precision import DTYPE_DEFAULT, Dtype
 
 API_KEY_ENV = "LLMRAY_API_KEY"  # e.g. LLMRAY_API_KEY=s3cret, from apiKeySecretRef
 CACHE_DIR = "/tmp/llmray-cache"  # where a replica downloads its model, e.g. /tmp/llmray-cache/...
@@ -58,6 +59,9 @@ class ServeArgs(BaseModel):
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     accelerator: Literal["cpu", "nvidia-gpu", "intel-gpu"] = "cpu"
     ipex: bool = False
+    dtype: Dtype = Field(
+        default=DTYPE_DEFAULT, description="spec.dtype; auto is resolved on the replica."
+    )
     max_new_tokens: int = generation.MAX_NEW_TOKENS
     max_prompt_tokens: int = generation.MAX_PROMPT_TOKENS
     temperature: float = generation.TEMPERATURE
@@ -148,6 +152,7 @@ def resolve_serve_args(
         engine=spec.engine,
         accelerator=spec.compute.accelerator,
         ipex=spec.compute.ipex,
+        dtype=spec.dtype,
         max_new_tokens=spec.generation.maxNewTokens,
         max_prompt_tokens=spec.generation.maxPromptTokens,
         temperature=spec.generation.temperature,

@@ -428,6 +428,8 @@ LLMDEPLOYMENT_RULE_CASES = [
         {"spec.model.servedName": "base", "spec.adapters": [{"name": "demo", "uri": "s3://b/a"}]},
         None,
     ),
+    ({"spec.dtype": "bfloat16"}, None),
+    ({"spec.quantization": "int8"}, "spec.quantization: unknown field"),
 ]
 
 DESIGN_ADAPTERS = """

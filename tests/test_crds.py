@@ -719,6 +719,9 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
             ]
         },
     ),
+    ("LLMDeployment", {"spec.dtype": "float16"}),
+    ("LLMDeployment", {"spec.dtype": "fp8"}),
+    ("LLMDeployment", {"spec.quantization": "int8"}),
 ]
 
 

@@ -68,7 +68,7 @@ def model(tiny_model):
 
 
 def tolerance(engine) -> float:
-    """Relative: the engine runs bf16 where the CPU has AMX (hf_engine._fast_bf16), ~3
+    """Relative: the engine runs bf16 where the CPU has native bf16 (hf_model.resolve), ~3
     significant digits; the reference model always fp32."""
     import torch
 

@@ -92,7 +92,11 @@ def test_requests_arrive_through_rays_haproxy_ingress(server, client) -> None:
 
 
 def test_models_completion_and_chat(client) -> None:
+    from llmray_serve.hf_model import resolve
+
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    # spec.dtype auto, resolved on this machine's CPU (bfloat16 only with native bf16).
+    assert client.models.list().data[0].dtype == resolve("cpu", "auto", "none").dtype
     done = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)
     assert done.usage.completion_tokens <= 8 and done.usage.prompt_tokens > 0
     chat = client.chat.completions.create(
@@ -205,7 +209,7 @@ def test_llmray_serve_command_serves_and_stops_on_ctrl_c(tmp_path, tiny_model) -
 
     (tmp_path / "d.yaml").write_text(
         "apiVersion: llmray.io/v1alpha1\nkind: LLMDeployment\nmetadata: {name: cmd}\n"
-        f"spec:\n  model: {{uri: {tiny_model}}}\n"
+        f"spec:\n  model: {{uri: {tiny_model}}}\n  dtype: float32\n"
     )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -224,7 +228,7 @@ def test_llmray_serve_command_serves_and_stops_on_ctrl_c(tmp_path, tiny_model) -
                 break
             assert time.monotonic() < deadline, "llmray serve did not come up"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-        assert [m.id for m in client.models.list().data] == ["cmd"]
+        assert [(m.id, m.dtype) for m in client.models.list().data] == [("cmd", "float32")]
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=60) == 0
         assert "shutting down" in proc.stdout.read()

@@ -151,10 +151,24 @@ def test_auto_picks_vllm_on_nvidia_gpus_only(monkeypatch) -> None:
     assert engine_kind("transformers", "nvidia-gpu") == "transformers"
 
 
+def test_auto_dtype_is_resolved_before_vllm_sees_it(fake_vllm, tiny_model, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    engine = VLLMEngine(tiny_model)
+    assert engine.engine.args["dtype"] == "float16"  # a GPU without bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert VLLMEngine(tiny_model).engine.args["dtype"] == "bfloat16"
+
+
 async def test_deltas_reassemble_and_params_reach_vllm(fake_vllm, tiny_model) -> None:
-    engine = VLLMEngine(tiny_model, num_gpus=2, max_ongoing=8, max_seq_tokens=4096)
+    engine = VLLMEngine(
+        tiny_model, num_gpus=2, max_ongoing=8, max_seq_tokens=4096, dtype="bfloat16"
+    )
+    assert engine.precision.details() == {"dtype": "bfloat16", "quantization": "none"}
     assert engine.engine.args == {
         "model": str(tiny_model),
+        "dtype": "bfloat16",  # spec.dtype, resolved by llmray (auto: bf16 where supported)
         "tensor_parallel_size": 2,
         "distributed_executor_backend": "mp",
         "max_model_len": 4096,

@@ -23,6 +23,7 @@ from llmray.api.common import (
     Toleration,
     Uri,
 )
+from llmray.precision import DTYPE_DEFAULT, Dtype
 
 KIND = "LLMDeployment"
 PLURAL = "llmdeployments"  # e.g. kubectl get llmdeployments
@@ -168,6 +169,13 @@ class LLMDeploymentSpec(Model):
         default="auto",
         description="auto (vllm on nvidia-gpu when installed, else transformers), "
         "transformers or vllm.",
+    )
+    dtype: Dtype = Field(
+        default=DTYPE_DEFAULT,
+        description="Precision of the served weights and activations: auto, float32, "
+        "bfloat16 or float16. auto: bfloat16 on GPUs and on CPUs with native bf16 (AMX or "
+        "AVX-512 BF16, detected on the replica's node), else float32 (bf16 is emulated, "
+        "10-20x slower, there). /v1/models and the server's log say which one runs.",
     )
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Replica hardware.")
     scaling: Scaling = Field(default_factory=Scaling, description="Replica autoscaling.")

@@ -58,6 +58,15 @@ class RayServeMetrics:
             boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
         )
 
+        self.info = metrics.Gauge(
+            "llmray_model_info",
+            "1, labelled with the precision the replica's model runs in.",
+            tag_keys=("dtype", "quantization"),
+        )
+
+    def model_info(self, details: dict[str, str]) -> None:
+        self.info.set(1, tags={k: details[k] for k in ("dtype", "quantization")})
+
     def request_done(self, route: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
 
@@ -96,13 +105,23 @@ class LLMServer:
             temperature=args.temperature,
             top_p=args.top_p,
             api_key=api_key,
+            model_details=self.engine.precision.details(),
         )
-        log.info("serving %s as %r", model_dir, args.served_name)
+        log.info(
+            "serving %s as %r in %s, quantization %s (%s)",
+            model_dir,
+            args.served_name,
+            self.engine.precision.dtype,
+            self.engine.precision.quantization,
+            self.engine.precision.reason,
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Ray Serve calls this on the replica after __init__: the API of this replica's own
         engine and settings (an app built beforehand, at import, could not reach them)."""
-        return build_api(self.engine, self.settings, RayServeMetrics())
+        metrics = RayServeMetrics()
+        metrics.model_info(self.engine.precision.details())
+        return build_api(self.engine, self.settings, metrics)
 
     def check_health(self) -> None:
         if not self.engine.healthy():  # Ray Serve replaces the replica
@@ -128,6 +147,7 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
             num_gpus=int(args.num_gpus),
             max_ongoing=args.max_ongoing_requests,
             max_seq_tokens=max_seq_tokens,
+            dtype=args.dtype,
         )
     from llmray_serve.hf_engine import TransformersEngine
 
@@ -135,6 +155,7 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
         model_dir,
         device=hardware.profile(args.accelerator, args.ipex).device_type,
         ipex=args.ipex,
+        dtype=args.dtype,
         max_ongoing=args.max_ongoing_requests,
         max_seq_tokens=max_seq_tokens,
     )

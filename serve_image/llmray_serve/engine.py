@@ -89,6 +89,9 @@ class Engine(Protocol):
 
     # The format this model's chat template writes tool calls in (llmray.chat.TOOL_FORMATS).
     tool_format: str
+    # The precision the model runs in (hf_model.Precision: dtype, quantization, why), for
+    # /v1/models, the log and the llmray_model_info metric.
+    precision: Any
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a prompt as the model will see it (InvalidPrompt if it cannot take it)."""

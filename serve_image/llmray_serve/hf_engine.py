@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from llmray.api.llmdeployment import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from llmray.precision import DTYPE_DEFAULT, QUANTIZATION_DEFAULT
 from llmray_serve import hf_logits
 from llmray_serve.engine import (
     Chunk,
@@ -44,14 +45,11 @@ from llmray_serve.engine import (
     SamplingParams,
     TokenLogprob,
 )
+from llmray_serve.hf_model import load_model
 from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-IPEX_HELP = (
-    "compute.ipex: true needs Intel Extension for PyTorch 2.8, which requires torch 2.8.* "
-    "(see docs/ipex.md)"
-)
 PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
 # A generation step (one forward pass of at most 1024 tokens) that runs longer than this is
 # stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
@@ -67,6 +65,8 @@ class TransformersEngine(TokenizerPrompts):
         *,
         device: str = "cpu",
         ipex: bool = False,
+        dtype: str = DTYPE_DEFAULT,
+        quantization: str = QUANTIZATION_DEFAULT,
         max_batch: int = 16,
         max_ongoing: int = 64,
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
@@ -74,19 +74,13 @@ class TransformersEngine(TokenizerPrompts):
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
-        A generation step running longer than `stuck_after_s` makes the engine unhealthy."""
+        A generation step running longer than `stuck_after_s` makes the engine unhealthy.
+        `dtype`: spec.dtype; `quantization`: "int8" for the experimental dynamic int8
+        (hf_model.py, not a spec field); the precision it runs in is `self.precision`."""
         self.tokenizer = load_tokenizer(model_dir)
-        dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa"
+        model, self.precision = load_model(
+            model_dir, device=device, dtype=dtype, quantization=quantization, ipex=ipex
         )
-        model = model.to(device).eval()
-        if ipex:
-            try:
-                import intel_extension_for_pytorch as ipex_mod  # type: ignore[import-not-found]
-            except ImportError as exc:
-                raise RuntimeError(f"{IPEX_HELP}; import failed: {exc}") from exc
-            model = ipex_mod.optimize(model, dtype=dtype)
         self.model, self.device = model, device
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.max_batch, self.max_ongoing = max_batch, max_ongoing
@@ -96,7 +90,7 @@ class TransformersEngine(TokenizerPrompts):
         self.forward_passes = 0
         model.register_forward_hook(self._count_forward)
         self.steps = _GuardedSteps(stuck_after_s)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = model.get_output_embeddings().out_features
         self.grammar_tokenizer = _grammar_tokenizer(self.tokenizer, vocab, self.eos_ids)
         self.manager, self.logits = _start_manager(
             model, self.eos_ids, device, max_batch, max_seq_tokens, self.steps, vocab
@@ -483,10 +477,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _fast_bf16(device: str) -> bool:
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx is not None and amx())

@@ -26,8 +26,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -64,6 +64,9 @@ class IngressSettings:
     temperature: float = generation.TEMPERATURE  # defaults when a request leaves them out
     top_p: float = generation.TOP_P
     api_key: str | None = None  # bearer key; None: no auth
+    # Extra fields of the model object in /v1/models, e.g. {"dtype": "bfloat16",
+    # "quantization": "none"}: the precision the engine runs in.
+    model_details: Mapping[str, str] = field(default_factory=dict)
 
 
 class Metrics(Protocol):
@@ -167,6 +170,7 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
         "object": "model",
         "created": created,
         "owned_by": "llmray",
+        **settings.model_details,
     }
 
     @app.get("/v1/models")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmray.api.llmdeployment import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from llmray.precision import DTYPE_DEFAULT
 from llmray_serve.engine import (
     Chunk,
     EngineOverloaded,
@@ -45,12 +46,17 @@ class VLLMEngine(TokenizerPrompts):
         num_gpus: int = 1,
         max_ongoing: int = 64,
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
+        dtype: str = DTYPE_DEFAULT,
     ) -> None:
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
             from vllm.config import StructuredOutputsConfig
         except ImportError as exc:
             raise RuntimeError(f"{VLLM_HELP}; import failed: {exc}") from exc
+        from llmray_serve.hf_model import Precision, resolve
+
+        resolved = resolve("cuda", dtype, "none")  # vLLM's own auto would follow config.json
+        self.precision = Precision(resolved.dtype, "none", resolved.reason)
         self.tokenizer = load_tokenizer(model_dir)
         self.special_ids = set(self.tokenizer.all_special_ids)  # not in the text: no logprobs
         self.max_ongoing = max_ongoing
@@ -59,6 +65,7 @@ class VLLMEngine(TokenizerPrompts):
         self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(
                 model=str(model_dir),
+                dtype=resolved.dtype,
                 tensor_parallel_size=max(1, num_gpus),  # one replica spans its GPUs
                 # Those GPUs are already the replica actor's (one pod): vLLM's workers are
                 # its own processes, not Ray actors asking Ray for GPUs again.
