@@ -21,13 +21,16 @@ the prompt's logprobs (echo) come from one plain forward pass over it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from llmray_serve.engine import (
     SamplingParams,
     TokenLogprob,
 )
+from llmray_serve.hf_lora import MixedLoRA
 from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,10 +75,12 @@ class TransformersEngine(TokenizerPrompts):
         max_ongoing: int = 64,
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
         stuck_after_s: float = STUCK_AFTER_S,
+        adapters: bool = False,
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
-        A generation step running longer than `stuck_after_s` makes the engine unhealthy."""
+        A generation step running longer than `stuck_after_s` makes the engine unhealthy.
+        `adapters`: serve LoRA adapters (hf_lora.py), mixed in one batch with the base."""
         self.tokenizer = load_tokenizer(model_dir)
         dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
@@ -95,7 +101,10 @@ class TransformersEngine(TokenizerPrompts):
         # Forward passes so far: with batching, far fewer than the tokens generated.
         self.forward_passes = 0
         model.register_forward_hook(self._count_forward)
-        self.steps = _GuardedSteps(stuck_after_s)
+        self.lora = MixedLoRA(model) if adapters else None
+        # Work for the generation thread between two steps (loading adapters): (fn, future).
+        self._between: collections.deque[tuple[Callable[[], None], Any]] = collections.deque()
+        self.steps = _GuardedSteps(stuck_after_s, self._between_steps)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.grammar_tokenizer = _grammar_tokenizer(self.tokenizer, vocab, self.eos_ids)
         self.manager, self.logits = _start_manager(
@@ -121,7 +130,9 @@ class TransformersEngine(TokenizerPrompts):
         matchers = await self._matchers(params.grammar, n)
         scored = None
         if params.prompt_logprobs is not None:
-            scored = await asyncio.to_thread(self._score_prompt, ids, params.prompt_logprobs)
+            scored = await asyncio.to_thread(
+                self._score_prompt, ids, params.prompt_logprobs, params.adapter
+            )
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"llmray-{next(self._ids)}"
         # transformers names the choices it forks from a request so (Manager.update_batch).
@@ -132,6 +143,9 @@ class TransformersEngine(TokenizerPrompts):
         finished: set[int] = set()
         try:
             for index, sequence in enumerate(sequences):
+                if params.adapter is not None:
+                    assert self.lora is not None, "the engine was made without adapters"
+                    self.lora.adapter_of[sequence] = params.adapter
                 controls = self.logits.controls_for(
                     top=params.logprobs,
                     logit_bias=params.logit_bias,
@@ -171,10 +185,20 @@ class TransformersEngine(TokenizerPrompts):
                 if index not in finished:  # a client that left: free its batch slot now
                     self._cancel(sequence)
                 self.logits.controls.pop(sequence, None)
+                if self.lora is not None:
+                    self.lora.adapter_of.pop(sequence, None)
             self._ongoing -= n
 
     def healthy(self) -> bool:
         return self._trouble() is None
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        assert self.lora is not None, "the engine was made without adapters"
+        await self._on_generation_thread(functools.partial(self.lora.load, name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        assert self.lora is not None, "the engine was made without adapters"
+        await self._on_generation_thread(functools.partial(self.lora.unload, name))
 
     def close(self) -> None:
         """Stop the generation loop (requests still running are failed)."""
@@ -238,10 +262,12 @@ class TransformersEngine(TokenizerPrompts):
         choice.logprobs_sent = min(len(tokens), len(controls.recorded))
         return tuple(new)
 
-    def _score_prompt(self, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    def _score_prompt(
+        self, ids: list[int], top: int, adapter: str | None = None
+    ) -> tuple[TokenLogprob, ...]:
         """The prompt's logprobs, from one forward pass outside the batch (transformers' batch
         computes the last position's logits only); on a worker thread, one prompt at a time."""
-        with self._score_lock:
+        with self._score_lock, self._plain_forward(adapter, len(ids)):
             scored = hf_logits.prompt_logprobs(self.model, ids, top, PROMPT_LOGITS_ROWS)
         return tuple(
             TokenLogprob(
@@ -252,6 +278,32 @@ class TransformersEngine(TokenizerPrompts):
             )
             for token, logprob, top_ in scored
         )
+
+    def _plain_forward(self, adapter: str | None, tokens: int) -> Any:
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.plain(adapter, tokens)
+
+    async def _on_generation_thread(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the generation thread between two steps (no forward pass running),
+        and wait for it; its exception is raised here."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._between.append((fn, done))
+        self.manager._wake_up_loop.set()  # an idle loop waits up to 0.1 s for work otherwise
+        await asyncio.wrap_future(done)
+
+    def _between_steps(self, processor: Any) -> None:
+        if self.lora is not None:
+            self.lora.hook_batches(processor)
+        while self._between:
+            fn, done = self._between.popleft()
+            try:
+                with self._score_lock:  # nor a prompt being scored on another thread
+                    fn()
+            except Exception as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
 
     def _trouble(self) -> str | None:
         if not self.manager.is_running():
@@ -422,8 +474,9 @@ class _GuardedSteps:
     or device is broken, not a request).
     """
 
-    def __init__(self, stuck_after_s: float) -> None:
+    def __init__(self, stuck_after_s: float, between: Callable[[Any], None]) -> None:
         self.stuck_after_s = stuck_after_s
+        self.between = between  # called with the batch processor before each step
         self.failed_in_a_row = 0
         self.failed = 0  # steps failed since the start
         self._step_started: float | None = None
@@ -433,6 +486,7 @@ class _GuardedSteps:
 
         def guarded(processor: Any, bootstrapping: bool) -> bool:
             hf_logits.hook_sampler(processor, logits)
+            self.between(processor)
             self._step_started = time.monotonic()
             passes = manager.current_batch  # transformers counts the passes that ran a batch
             try:
