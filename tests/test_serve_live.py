@@ -63,7 +63,7 @@ def test_an_adapter_edit_reconfigures_other_edits_restart(tmp_path, deployed, ca
 
     write(spec, [{"name": "legal", "uri": "adapters/legal"}, {"name": "hr", "uri": "adapters/hr"}])
     running = local.reload(spec, running)
-    ((args, config),) = deployed
+    ((_, config),) = deployed
     assert [a.name for a in config.adapters] == ["legal", "hr"]
     assert "adapters updated in place: ready legal, hr" in capsys.readouterr().out
 

@@ -132,6 +132,7 @@ def fake_vllm(monkeypatch):
         AsyncLLMEngine,
         SamplingParams,
     )
+
     @dataclass
     class LoRARequest:  # vllm.lora.request.LoRARequest
         lora_name: str
