@@ -8,6 +8,7 @@ HAProxy ingress: the client's latency minus the replica's `openai-processing-ms`
 
     python benchmarks/serve_load.py                       # tiny model, updates BENCHMARKS.md
     python benchmarks/serve_load.py --model models/smollm2-135m-instruct --no-write
+    python benchmarks/serve_load.py --adapters 4           # one deployment, 4 LoRA adapters
     python benchmarks/serve_load.py --model ... --dtype float32 --peers none --levels 1,16
 
 `--dtype` is llmray's spec.dtype (the peers stay float32); `--peers none` runs llmray alone.
@@ -16,6 +17,11 @@ The naive baseline is FastAPI + uvicorn in one process, a lock around `model.gen
 hand-rolled server does, and what the 2x goal is measured against. The second baseline is
 `transformers serve --continuous-batching` (transformers' own OpenAI server, one process, the
 same continuous batching manager llmray's engine uses, without Ray).
+
+With `--adapters N`: N random LoRA adapters (rank 8, every linear layer) on the model in one
+deployment, the load spread over them (request i asks adapter i mod N), against the same load
+on one adapter merged into a whole model and served alone; and each adapter's first request
+(which loads it into the replica) against a warm one.
 """
 
 from __future__ import annotations
@@ -207,6 +213,7 @@ def main() -> int:
         "--peers", default="naive,transformers-serve", help="comma-separated, or none"
     )
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--adapters", type=int, default=0, help="LoRA adapters (see above)")
     args = parser.parse_args()
     peers = set(args.peers.split(",")) - {"none", ""}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,6 +225,9 @@ def main() -> int:
 
         model_dir = create_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
         label = "tiny (656k parameters)"
+
+    if args.adapters:
+        return adapters_main(args, model_dir, label)
 
     from llmray.serve_args import ServeArgs
     from llmray_serve.local import start
@@ -307,6 +317,124 @@ def main() -> int:
             + ("" if not args.model else "-" + Path(args.model).name)
             + ("" if args.dtype == "auto" else f"-{args.dtype}"),
             title=f"Serving load: {label}",
+        )
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+def spread(base_url: str, models: list[str], concurrency: int, requests: int, tokens: int):
+    """`load`, request i asking models[i mod len(models)]; tokens/s and p50 / p99."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        done = client.chat.completions.create(
+            model=models[i % len(models)],
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            max_tokens=tokens,
+            temperature=0,
+        )
+        return time.perf_counter() - start, done.usage.completion_tokens
+
+    for i in range(len(models)):
+        one(i)  # warm-up: every adapter loaded
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {
+        "tokens_per_s": sum(r[1] for r in results) / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def first_and_warm(base_url: str, model: str) -> tuple[float, float]:
+    """A one-token request's latency the first time `model` is asked for, and then warm."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1
+        )
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:])
+
+
+def adapters_main(args: argparse.Namespace, model_dir: Path, label: str) -> int:
+    sys.path.insert(0, str(REPO))
+    from llmray.serve_args import AdapterArgs, ServeArgs, ServeUserConfig
+    from llmray_serve import local
+    from tests.lora_tools import make_adapter
+
+    work = Path(tempfile.mkdtemp())
+    made = [make_adapter(model_dir, work / f"a{i}", seed=i, rank=8) for i in range(args.adapters)]
+    names = [f"a{i}" for i in range(args.adapters)]
+    c = max(int(x) for x in args.levels.split(","))
+    serve_args = ServeArgs(
+        name="bench",
+        model_uri=str(model_dir),
+        served_name="m",
+        max_new_tokens=max(256, args.max_tokens),
+        max_ongoing_requests=c * 2,
+        num_cpus=0,
+        max_loaded_adapters=args.adapters,
+    )
+    config = ServeUserConfig(
+        adapters=[AdapterArgs(name=n, uri=str(a)) for n, (a, _) in zip(names, made, strict=True)]
+    )
+    url = local.start(serve_args, free_port(), user_config=config)
+    loads = [first_and_warm(url, n) for n in names]
+    mixed = spread(url, names, c, args.requests, args.max_tokens)
+    # The same load on adapter a0 merged into a whole model, alone (replaces the app).
+    merged_args = serve_args.model_copy(
+        update={"model_uri": str(made[0][1]), "max_loaded_adapters": 0}
+    )
+    local.deploy(merged_args)
+    local.wait_running(merged_args.name)
+    time.sleep(2)
+    merged = spread(url, ["m"], c, args.requests, args.max_tokens)
+    first = statistics.median(f for f, _ in loads)
+    warm = statistics.median(w for _, w in loads)
+    report = "\n".join(
+        [
+            f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            "",
+            f"Model: {label}; {args.adapters} LoRA adapters (rank 8 on every linear layer) in "
+            f"one deployment, against one of them merged and served alone; {args.requests} "
+            f"chat completions at concurrency {c}, greedy, max_tokens {args.max_tokens}; "
+            f"{os.cpu_count()} cores; transformers engine.",
+            "",
+            "| served | tokens/s | p50 / p99 ms |",
+            "|---|---:|---:|",
+            f"| {args.adapters} adapters, load spread over them | {mixed['tokens_per_s']:.0f} | "
+            f"{mixed['p50_s'] * 1000:.0f} / {mixed['p99_s'] * 1000:.0f} |",
+            f"| 1 merged model | {merged['tokens_per_s']:.0f} | "
+            f"{merged['p50_s'] * 1000:.0f} / {merged['p99_s'] * 1000:.0f} |",
+            "",
+            f"Adapters / merged throughput: {mixed['tokens_per_s'] / merged['tokens_per_s']:.2f}x. "
+            f"An adapter's first one-token request (it loads into the replica then), p50 over "
+            f"the adapters: {first * 1000:.0f} ms, warm: {warm * 1000:.0f} ms.",
+        ]
+    )
+    print(report)
+    if not args.no_write:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from train_throughput import write_block
+
+        suffix = "" if not args.model else "-" + Path(args.model).name
+        write_block(
+            report,
+            key=f"serve_adapters{suffix}",
+            title=f"Serving many adapters: {label}",
         )
     from ray import serve
 

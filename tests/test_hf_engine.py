@@ -174,7 +174,8 @@ async def test_a_failing_step_fails_its_request_and_the_loop_goes_on(engine) -> 
 async def test_steps_failing_in_a_row_make_the_engine_unhealthy(tiny_model) -> None:
     """A broken model or device, not a bad request: the health check fails (Ray Serve then
     replaces the replica) and requests get EngineUnavailable (a 503) at once."""
-    from llmray_serve.hf_engine import MAX_FAILED_STEPS, TransformersEngine
+    from llmray_serve.hf_engine import TransformersEngine
+    from llmray_serve.hf_steps import MAX_FAILED_STEPS
 
     broken = TransformersEngine(tiny_model, max_batch=2, max_ongoing=4)
     try:

@@ -69,10 +69,14 @@ def write(path: Path, resource: dict) -> str:
 
 
 def with_uid(objects: list[dict], uid: str) -> list[dict]:
+    """`objects` with their owner's uid replaced by `uid`, wherever it stands (the
+    ownerReferences, and the trainer config's run_id)."""
     out = copy.deepcopy(objects)
     for obj in out:
         for ref in obj["metadata"].get("ownerReferences", []):
-            ref["uid"] = uid
+            old, ref["uid"] = ref["uid"], uid
+            if "trainer.json" in obj.get("data", {}):
+                obj["data"]["trainer.json"] = obj["data"]["trainer.json"].replace(old, uid)
     return out
 
 

@@ -416,24 +416,17 @@ async def test_metrics_label_the_route_template_not_the_path(engine) -> None:
 def test_locally_the_api_key_stays_out_of_rays_runtime_env(monkeypatch, tmp_path) -> None:
     """A runtime_env is stored in Ray's GCS and shown by its dashboard: `llmray serve` leaves
     the key to the environment the local Ray's processes inherit."""
-    from ray import serve
-
     from llmray.serve_args import ServeArgs
     from llmray_serve import local
 
-    deployed = []
     monkeypatch.setenv("LLMRAY_API_KEY", "s3cret")
-    monkeypatch.setattr(local, "check_port", lambda *_: None)
-    monkeypatch.setattr("llmray.localray.ensure_ray", lambda: None)
-    monkeypatch.setattr(serve, "start", lambda **_: None)
-    monkeypatch.setattr(serve, "run", lambda app, **_: deployed.append(app))
     args = ServeArgs(
         name="t", model_uri=str(tmp_path), served_name="t", api_key_env="LLMRAY_API_KEY"
     )
-    local.start(args, 8000)
-    options = deployed[0]._bound_deployment.ray_actor_options  # what Ray would store
-    assert "s3cret" not in repr(options)
-    assert options["runtime_env"]["env_vars"].keys() == {"OMP_NUM_THREADS"}
+    config = local.serve_config(args)  # what `llmray serve` deploys, as Ray would store it
+    assert "s3cret" not in repr(config)
+    (app,) = config["applications"]
+    assert app["runtime_env"]["env_vars"].keys() == {"OMP_NUM_THREADS"}
 
 
 NOT_IMPLEMENTED = [  # (parameter, a value that asks for it)

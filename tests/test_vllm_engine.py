@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -64,9 +64,19 @@ class _FakeEngine:
     requests: list[tuple[dict, dict, str]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     errored: bool = False
+    loras: dict = field(default_factory=dict)  # lora_int_id -> LoRARequest added
+    lora_of: dict = field(default_factory=dict)  # request id -> the LoRARequest it came with
 
-    async def generate(self, prompt, sampling, request_id):
+    async def add_lora(self, request):
+        self.loras[request.lora_int_id] = request
+        return True
+
+    async def remove_lora(self, lora_id):
+        return self.loras.pop(lora_id, None) is not None
+
+    async def generate(self, prompt, sampling, request_id, lora_request=None):
         self.requests.append((prompt, vars(sampling), request_id))
+        self.lora_of[request_id] = lora_request
         limit = min(sampling.max_tokens, len(ANSWER))
         ids = prompt["prompt_token_ids"]
         scored = None
@@ -122,6 +132,20 @@ def fake_vllm(monkeypatch):
         AsyncLLMEngine,
         SamplingParams,
     )
+
+    @dataclass
+    class LoRARequest:  # vllm.lora.request.LoRARequest
+        lora_name: str
+        lora_int_id: int
+        lora_path: str = ""
+
+    lora = types.ModuleType("vllm.lora")
+    lora_request = types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = LoRARequest
+    lora.request = lora_request
+    vllm.lora = lora
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_request)
     config = types.ModuleType("vllm.config")
     config.StructuredOutputsConfig = StructuredOutputsConfig
     sampling_params = types.ModuleType("vllm.sampling_params")
@@ -271,3 +295,34 @@ async def test_n_beyond_the_replicas_limit_is_a_400_and_bias_is_checked(
     with pytest.raises(InvalidParameter, match="not in this model's vocabulary"):
         await anext(engine.generate("Hi", SamplingParams(4, 1.0, 1.0, logit_bias=((10**7, 1),))))
     assert engine._ongoing == 0 and not engine.engine.requests
+
+
+def test_without_adapters_vllm_gets_no_lora_arguments(fake_vllm, tiny_model) -> None:
+    engine = VLLMEngine(tiny_model, max_ongoing=4)
+    assert not {k for k in engine.engine.args if "lora" in k}
+
+
+async def test_adapters_are_lora_requests_of_their_own(fake_vllm, tiny_model) -> None:
+    """spec.maxLoadedAdapters and maxAdapterRank become vLLM's LoRA limits; each adapter
+    is added once as a LoRARequest with an id of its own and goes with each of its requests;
+    unloading removes it from vLLM."""
+    engine = VLLMEngine(tiny_model, max_ongoing=4, max_loras=3, max_lora_rank=32)
+    args = engine.engine.args
+    assert args["enable_lora"] is True
+    assert (args["max_loras"], args["max_cpu_loras"], args["max_lora_rank"]) == (3, 3, 32)
+    await engine.load_adapter("a1", "/adapters/legal")
+    await engine.load_adapter("a2", "/adapters/support")
+    added = engine.engine.loras
+    assert sorted((r.lora_name, r.lora_path) for r in added.values()) == [
+        ("a1", "/adapters/legal"),
+        ("a2", "/adapters/support"),
+    ]
+    assert len(set(added)) == 2 and all(i > 0 for i in added)  # vLLM wants positive ids
+    params = SamplingParams(max_tokens=3, temperature=0.0, top_p=1.0)
+    await collect(engine.generate("Hi", replace(params, adapter="a2")))
+    await collect(engine.generate("Hi", params))
+    (first, second) = engine.engine.lora_of.values()
+    assert (first.lora_name, first.lora_path) == ("a2", "/adapters/support")
+    assert second is None  # the base model
+    await engine.unload_adapter("a1")
+    assert [r.lora_name for r in engine.engine.loras.values()] == ["a2"]

@@ -7,6 +7,9 @@
           args: {name: gsm8k-7b, model_uri: s3://bucket/models/gsm8k-7b, served_name: ..., ...}
 
 Every replica loads the model into an engine and serves the OpenAI API of `ingress.py`.
+A deployment with LoRA adapters (max_loaded_adapters > 0) gets their list as the Serve
+deployment's `user_config` (ServeUserConfig): Serve calls `reconfigure` with it on running
+replicas whenever it changes, without restarting them (adapter_registry.py).
 Capacity per replica: the engine holds `max_ongoing_requests` requests (decoding together, or
 waiting for a slot in the batch) and refuses the next at once with an OpenAI-shaped 503 and
 Retry-After. Ray Serve's own limits are set well above that, so that the engine's refusal is
@@ -26,7 +29,8 @@ from ray.serve import Application
 
 from llmray import hardware, uris
 from llmray.paths import pod_path
-from llmray.serve_args import ServeArgs
+from llmray.serve_args import ServeArgs, ServeUserConfig
+from llmray_serve.adapter_registry import AdapterRegistry
 from llmray_serve.engine import Engine
 from llmray_serve.ingress import IngressSettings, build_api
 
@@ -98,6 +102,19 @@ class LLMServer:
                     "empty in the server's environment"
                 )
         self.engine = make_engine(args, model_dir)
+        self.adapters = None
+        if args.max_loaded_adapters:
+
+            def fetch(uri: str) -> str:
+                cache = pod_path(args.cache_dir)
+                return str(uris.fetch(uri, Path(args.base_dir), cache, field="spec.adapters"))
+
+            self.adapters = AdapterRegistry(
+                self.engine,  # type: ignore[arg-type]  # both engines implement AdapterEngine
+                args.served_name,
+                args.max_loaded_adapters,
+                fetch,
+            )
         self.settings = IngressSettings(
             served_name=args.served_name,
             max_new_tokens=args.max_new_tokens,
@@ -121,7 +138,13 @@ class LLMServer:
         engine and settings (an app built beforehand, at import, could not reach them)."""
         metrics = RayServeMetrics()
         metrics.model_info(self.engine.precision.details())
-        return build_api(self.engine, self.settings, metrics)
+        return build_api(self.engine, self.settings, metrics, self.adapters)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls it after __init__ and on every change of the deployment's user_config
+        (the replica keeps running; requests in flight go on)."""
+        if self.adapters is not None:
+            self.adapters.update(ServeUserConfig.model_validate(user_config))
 
     def check_health(self) -> None:
         if not self.engine.healthy():  # Ray Serve replaces the replica
@@ -148,6 +171,8 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
             max_ongoing=args.max_ongoing_requests,
             max_seq_tokens=max_seq_tokens,
             dtype=args.dtype,
+            max_loras=args.max_loaded_adapters,
+            max_lora_rank=args.max_adapter_rank,
         )
     from llmray_serve.hf_engine import TransformersEngine
 
@@ -158,6 +183,7 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
         dtype=args.dtype,
         max_ongoing=args.max_ongoing_requests,
         max_seq_tokens=max_seq_tokens,
+        adapters=args.max_loaded_adapters > 0,
     )
 
 
@@ -170,9 +196,14 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
     return application(args)
 
 
-def application(args: dict[str, Any] | ServeArgs, env: dict[str, str] | None = None) -> Application:
+def application(
+    args: dict[str, Any] | ServeArgs,
+    env: dict[str, str] | None = None,
+    user_config: ServeUserConfig | None = None,
+) -> Application:
     """`build_app`, plus `env`: extra environment for the replicas, for local runs only (on
-    Kubernetes the pods carry it, e.g. the API key from apiKeySecretRef)."""
+    Kubernetes the pods carry it, e.g. the API key from apiKeySecretRef); `user_config`: the
+    adapters (a Serve config sets it per deployment instead, as serveConfigV2 does)."""
     a = ServeArgs.model_validate(args)
     actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
     if env:
@@ -187,6 +218,9 @@ def application(args: dict[str, Any] | ServeArgs, env: dict[str, str] | None = N
     # Ray admits far more than the engine holds: the excess reaches the replica and gets the
     # engine's OpenAI 503 within milliseconds (Ray's router would queue it or answer in text).
     ray_limit = max(RAY_ADMISSION_MIN, RAY_ADMISSION_FACTOR * a.max_ongoing_requests)
+    extra: dict[str, Any] = {}
+    if user_config is not None:
+        extra["user_config"] = user_config.model_dump(mode="json")
     return LLMServer.options(
         num_replicas=None if autoscaling else a.min_replicas,
         autoscaling_config=autoscaling,
@@ -194,4 +228,5 @@ def application(args: dict[str, Any] | ServeArgs, env: dict[str, str] | None = N
         max_queued_requests=ray_limit,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options=actor_options,
+        **extra,
     ).bind(a)

@@ -29,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     grammar: str | None = None  # llguidance Lark grammar the answer must match (grammars.py)
+    adapter: str | None = None  # the LoRA adapter answering (loaded by the engine), None: base
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,20 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop generating and free the model's memory (the replica is shutting down)."""
+        ...
+
+
+class AdapterEngine(Protocol):
+    """An engine that serves LoRA adapters on its base model (adapter_registry.py calls it):
+    `SamplingParams.adapter` names a loaded one."""
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make adapter `name` (a PEFT folder) usable by requests; raises if it does not fit
+        the model."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Free adapter `name`; no request of it is in flight (the registry waits for that)."""
         ...
 
 

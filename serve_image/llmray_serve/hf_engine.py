@@ -21,13 +21,15 @@ the prompt's logprobs (echo) come from one plain forward pass over it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,9 @@ from llmray_serve.engine import (
     SamplingParams,
     TokenLogprob,
 )
+from llmray_serve.hf_lora import MixedLoRA
 from llmray_serve.hf_model import load_model
+from llmray_serve.hf_steps import GuardedSteps
 from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,6 @@ PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
 # A generation step (one forward pass of at most 1024 tokens) that runs longer than this is
 # stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
 STUCK_AFTER_S = 120.0
-MAX_FAILED_STEPS = 3  # steps failing in a row: the model or the device is broken
 PROMPT_LOGITS_ROWS = 256  # prompt positions per lm-head call when scoring a prompt (echo)
 
 
@@ -71,12 +74,14 @@ class TransformersEngine(TokenizerPrompts):
         max_ongoing: int = 64,
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
         stuck_after_s: float = STUCK_AFTER_S,
+        adapters: bool = False,
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
         A generation step running longer than `stuck_after_s` makes the engine unhealthy.
         `dtype`: spec.dtype; `quantization`: "int8" for the experimental dynamic int8
-        (hf_model.py, not a spec field); the precision it runs in is `self.precision`."""
+        (hf_model.py, not a spec field); the precision it runs in is `self.precision`.
+        `adapters`: serve LoRA adapters (hf_lora.py), mixed in one batch with the base."""
         self.tokenizer = load_tokenizer(model_dir)
         model, self.precision = load_model(
             model_dir, device=device, dtype=dtype, quantization=quantization, ipex=ipex
@@ -89,8 +94,11 @@ class TransformersEngine(TokenizerPrompts):
         # Forward passes so far: with batching, far fewer than the tokens generated.
         self.forward_passes = 0
         model.register_forward_hook(self._count_forward)
-        self.steps = _GuardedSteps(stuck_after_s)
-        vocab = model.get_output_embeddings().out_features
+        self.lora = MixedLoRA(model) if adapters else None
+        # Work for the generation thread between two steps (loading adapters): (fn, future).
+        self._between: collections.deque[tuple[Callable[[], None], Any]] = collections.deque()
+        self.steps = GuardedSteps(stuck_after_s, self._between_steps)
+        vocab = model.get_output_embeddings().weight.shape[0]
         self.grammar_tokenizer = _grammar_tokenizer(self.tokenizer, vocab, self.eos_ids)
         self.manager, self.logits = _start_manager(
             model, self.eos_ids, device, max_batch, max_seq_tokens, self.steps, vocab
@@ -115,7 +123,9 @@ class TransformersEngine(TokenizerPrompts):
         matchers = await self._matchers(params.grammar, n)
         scored = None
         if params.prompt_logprobs is not None:
-            scored = await asyncio.to_thread(self._score_prompt, ids, params.prompt_logprobs)
+            scored = await asyncio.to_thread(
+                self._score_prompt, ids, params.prompt_logprobs, params.adapter
+            )
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"llmray-{next(self._ids)}"
         # transformers names the choices it forks from a request so (Manager.update_batch).
@@ -126,6 +136,9 @@ class TransformersEngine(TokenizerPrompts):
         finished: set[int] = set()
         try:
             for index, sequence in enumerate(sequences):
+                if params.adapter is not None:
+                    assert self.lora is not None, "the engine was made without adapters"
+                    self.lora.adapter_of[sequence] = params.adapter
                 controls = self.logits.controls_for(
                     top=params.logprobs,
                     logit_bias=params.logit_bias,
@@ -165,10 +178,20 @@ class TransformersEngine(TokenizerPrompts):
                 if index not in finished:  # a client that left: free its batch slot now
                     self._cancel(sequence)
                 self.logits.controls.pop(sequence, None)
+                if self.lora is not None:
+                    self.lora.adapter_of.pop(sequence, None)
             self._ongoing -= n
 
     def healthy(self) -> bool:
         return self._trouble() is None
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        assert self.lora is not None, "the engine was made without adapters"
+        await self._on_generation_thread(functools.partial(self.lora.load, name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        assert self.lora is not None, "the engine was made without adapters"
+        await self._on_generation_thread(functools.partial(self.lora.unload, name))
 
     def close(self) -> None:
         """Stop the generation loop (requests still running are failed)."""
@@ -232,10 +255,12 @@ class TransformersEngine(TokenizerPrompts):
         choice.logprobs_sent = min(len(tokens), len(controls.recorded))
         return tuple(new)
 
-    def _score_prompt(self, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    def _score_prompt(
+        self, ids: list[int], top: int, adapter: str | None = None
+    ) -> tuple[TokenLogprob, ...]:
         """The prompt's logprobs, from one forward pass outside the batch (transformers' batch
         computes the last position's logits only); on a worker thread, one prompt at a time."""
-        with self._score_lock:
+        with self._score_lock, self._plain_forward(adapter, len(ids)):
             scored = hf_logits.prompt_logprobs(self.model, ids, top, PROMPT_LOGITS_ROWS)
         return tuple(
             TokenLogprob(
@@ -246,6 +271,32 @@ class TransformersEngine(TokenizerPrompts):
             )
             for token, logprob, top_ in scored
         )
+
+    def _plain_forward(self, adapter: str | None, tokens: int) -> Any:
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.plain(adapter, tokens)
+
+    async def _on_generation_thread(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the generation thread between two steps (no forward pass running),
+        and wait for it; its exception is raised here."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._between.append((fn, done))
+        self.manager._wake_up_loop.set()  # an idle loop waits up to 0.1 s for work otherwise
+        await asyncio.wrap_future(done)
+
+    def _between_steps(self, processor: Any) -> None:
+        if self.lora is not None:
+            self.lora.hook_batches(processor)
+        while self._between:
+            fn, done = self._between.popleft()
+            try:
+                with self._score_lock:  # nor a prompt being scored on another thread
+                    fn()
+            except Exception as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
 
     def _trouble(self) -> str | None:
         if not self.manager.is_running():
@@ -357,7 +408,7 @@ def _start_manager(
     device: str,
     max_batch: int,
     max_seq_tokens: int,
-    steps: _GuardedSteps,
+    steps: GuardedSteps,
     vocab: int,
 ) -> tuple[Any, hf_logits.PerRequestLogits]:
     # Sampling on, with a non-default temperature and top_p: only then does transformers create
@@ -401,66 +452,6 @@ def _start_manager(
     starter.start()
     starter.join()
     return manager, logits
-
-
-class _GuardedSteps:
-    """Each pass of transformers' generation loop, guarded and timed.
-
-    transformers ends its generation loop at the first exception anywhere in a step (failing
-    every request it holds), and then drops new requests without a word: one bad request took
-    the replica down. Here a failed step fails the requests that were decoding in it (they
-    shared its forward pass: which of them broke it cannot be told), logs why, and the loop
-    goes on with the requests still waiting and every later one. The engine reports itself
-    unhealthy (the replica's health check, so Ray Serve replaces it) when a step has run for
-    longer than `stuck_after_s`, or when `MAX_FAILED_STEPS` steps in a row failed (the model
-    or device is broken, not a request).
-    """
-
-    def __init__(self, stuck_after_s: float) -> None:
-        self.stuck_after_s = stuck_after_s
-        self.failed_in_a_row = 0
-        self.failed = 0  # steps failed since the start
-        self._step_started: float | None = None
-
-    def install(self, manager: Any, logits: hf_logits.PerRequestLogits) -> None:
-        body = manager._generation_loop_body  # a transformers upgrade that renames it fails here
-
-        def guarded(processor: Any, bootstrapping: bool) -> bool:
-            hf_logits.hook_sampler(processor, logits)
-            self._step_started = time.monotonic()
-            passes = manager.current_batch  # transformers counts the passes that ran a batch
-            try:
-                go_on = body(processor, bootstrapping)
-            except Exception as exc:
-                log.exception("a generation step failed: its requests fail, the loop goes on")
-                self.failed += 1
-                self.failed_in_a_row += 1
-                _fail_active_requests(processor, exc)
-                return True
-            finally:
-                self._step_started = None
-            if manager.current_batch != passes:  # a batch ran (not an idle wait)
-                self.failed_in_a_row = 0
-            return go_on
-
-        manager._generation_loop_body = guarded
-
-    def trouble(self) -> str | None:
-        """Why the loop cannot serve, or None."""
-        started = self._step_started
-        if started is not None and time.monotonic() - started > self.stuck_after_s:
-            return f"the generation loop is stuck: a step has run for over {self.stuck_after_s:g} s"
-        if self.failed_in_a_row >= MAX_FAILED_STEPS:
-            return f"the generation loop failed its last {self.failed_in_a_row} steps"
-        return None
-
-
-def _fail_active_requests(processor: Any, error: Exception) -> None:
-    """Fail the requests in the KV cache (those of the failed step), free their blocks; the
-    waiting ones stay queued. (transformers' own `fail_all_requests` also fails the waiting.)"""
-    for state in list(processor.scheduler.active_requests.values()):
-        processor._handle_request_error(error, state)
-        processor.scheduler.finish_request(state.request_id)
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

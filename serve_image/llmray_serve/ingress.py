@@ -4,8 +4,8 @@ Routes parse and validate, call the `Engine`, and shape JSON, Server-Sent Events
 the way OpenAI clients expect; the Ray Serve deployment (app.py) mounts this FastAPI app.
 
     GET  /health                200 {"status": "ok"}            (no auth: for probes)
-    GET  /v1/models             the one served model
-    GET  /v1/models/{model}     it, or 404
+    GET  /v1/models             the served model, and each ready LoRA adapter (parent: the model)
+    GET  /v1/models/{model}     one of them, or 404 (an adapter not ready yet: a 404 saying why)
     POST /v1/completions        prompt -> text      (stream: SSE chunks, then data: [DONE])
     POST /v1/chat/completions   messages -> message (chat template of the tokenizer)
 
@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmray.api import llmdeployment as generation
+from llmray_serve.adapter_registry import AdapterNotReady, AdapterRegistry, UnknownModel
 from llmray_serve.chat_tools import plan_chat
 from llmray_serve.engine import (
     Chunk,
@@ -106,7 +107,13 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None = None) -> FastAPI:
+def build_api(
+    engine: Engine,
+    settings: IngressSettings,
+    metrics: Metrics | None = None,
+    adapters: AdapterRegistry | None = None,
+) -> FastAPI:
+    """`adapters`: the replica's LoRA adapters (a request's `model` picks one), or None."""
     app = FastAPI(title="llmray", docs_url=None, redoc_url=None)
     created = int(time.time())
     metrics = metrics or NoMetrics()
@@ -173,27 +180,33 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
         **settings.model_details,
     }
 
+    def adapter_model(name: str) -> dict[str, Any]:
+        return the_model | {"id": name, "parent": settings.served_name}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [the_model]}
+        listed = [adapter_model(a) for a in adapters.ready()] if adapters else []
+        return {"object": "list", "data": [the_model, *listed]}
 
     @app.get("/v1/models/{model}")
     async def model(model: str) -> dict[str, Any]:
-        check_model(model, settings)
-        return the_model
+        adapter = check_model(model, settings, adapters)
+        return the_model if adapter is None else adapter_model(adapter)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest):
-        check_model(body.model, settings)
+        adapter = check_model(body.model, settings, adapters)
         prompt = str(body.prompt)
         echo_logprobs = body.logprobs if body.echo else None
         params = sampling(settings, body, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
         shape = CompletionShape(body, prompt)
-        return await respond(engine, settings, body, prompt, "prompt", shape, metrics, params)
+        return await respond(
+            engine, settings, body, prompt, "prompt", shape, metrics, params, served(adapter)
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest):
-        check_model(body.model, settings)
+        adapter = check_model(body.model, settings, adapters)
         try:
             plan = plan_chat(body, engine.tool_format)
         except GrammarError as exc:
@@ -205,7 +218,12 @@ def build_api(engine: Engine, settings: IngressSettings, metrics: Metrics | None
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(settings, body, logprobs=top, grammar=plan.grammar)
         shape = ChatShape(body, plan)
-        return await respond(engine, settings, body, prompt, "messages", shape, metrics, params)
+        return await respond(
+            engine, settings, body, prompt, "messages", shape, metrics, params, served(adapter)
+        )
+
+    def served(adapter: str | None) -> Served:
+        return Served(adapters, adapter) if adapter is not None and adapters else Served()
 
     return app
 
@@ -243,7 +261,15 @@ def route_label(scope: Scope) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def check_model(name: str, settings: IngressSettings) -> None:
+def check_model(
+    name: str, settings: IngressSettings, adapters: AdapterRegistry | None = None
+) -> str | None:
+    """The adapter a request's `model` names, None for the base model; 404 otherwise."""
+    if adapters is not None:
+        try:
+            return adapters.resolve(name)
+        except (UnknownModel, AdapterNotReady) as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from exc
     if name != settings.served_name:
         raise ApiError(
             404,
@@ -251,6 +277,15 @@ def check_model(name: str, settings: IngressSettings) -> None:
             param="model",
             code="model_not_found",
         )
+    return None
+
+
+@dataclass(frozen=True)
+class Served:
+    """Who answers a request: the base model, or adapter `adapter` of `adapters`."""
+
+    adapters: AdapterRegistry | None = None
+    adapter: str | None = None
 
 
 def validation_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -311,6 +346,7 @@ async def respond(
     shape: Shape,
     metrics: Metrics,
     params: SamplingParams,
+    served: Served,
 ):
     started = time.perf_counter()
     try:
@@ -325,7 +361,10 @@ async def respond(
             param=prompt_param,
             code="context_length_exceeded",
         )
-    chunks = _generate(engine, prompt, params, tokens)
+    if served.adapters is not None and served.adapter is not None:
+        chunks = _with_adapter(served.adapters, served.adapter, engine, prompt, params, tokens)
+    else:
+        chunks = _generate(engine, prompt, params, tokens)
     try:  # the first chunk decides the status: 503 now, not inside a 200 stream
         first = await anext(chunks)
     except EngineOverloaded as exc:
@@ -349,6 +388,9 @@ async def respond(
     except InvalidPrompt as exc:
         await chunks.aclose()
         raise ApiError(400, str(exc), param=prompt_param) from exc
+    except (UnknownModel, AdapterNotReady) as exc:  # the adapter went while this one waited
+        await chunks.aclose()
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from exc
     except InvalidParameter as exc:
         await chunks.aclose()
         raise ApiError(400, str(exc), param=exc.param) from exc
@@ -378,6 +420,26 @@ def _generate(
     if params.max_tokens == 0:
         return _prompt_only(engine.generate(prompt, replace(params, max_tokens=1)))
     return engine.generate(prompt, params)
+
+
+async def _with_adapter(
+    adapters: AdapterRegistry,
+    adapter: str,
+    engine: Engine,
+    prompt: str,
+    params: SamplingParams,
+    prompt_tokens: int,
+) -> AsyncIterator[Chunk]:
+    """The engine's chunks under `adapter`, held in the engine (not evicted) until the last
+    one, or until the client leaves (the engine's own generation is closed first: it frees
+    its batch slot at once)."""
+    async with adapters.use(adapter) as key:
+        chunks = _generate(engine, prompt, replace(params, adapter=key), prompt_tokens)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
 
 async def _nothing(n: int, prompt_tokens: int) -> AsyncIterator[Chunk]:

@@ -11,6 +11,12 @@ does. Prompts are tokenized here with the model's own tokenizer (the chat templa
 counts then match the transformers engine exactly) and given to vLLM as token ids.
 
     engine = VLLMEngine("/models/llama-7b", num_gpus=1, max_ongoing=64, max_seq_tokens=4096)
+
+LoRA adapters (max_loras > 0): vLLM's `enable_lora`, with a batch holding up to `max_loras`
+adapters (spec.maxLoadedAdapters, the registry's limit too) of rank up to `max_lora_rank`
+(spec.maxAdapterRank); each loaded adapter is one `LoRARequest(name, int id, path)` added to
+the engine at load (so a bad adapter fails its load, not a request) and passed with each of
+its requests.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class VLLMEngine(TokenizerPrompts):
         max_ongoing: int = 64,
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
         dtype: str = DTYPE_DEFAULT,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ) -> None:
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
@@ -62,8 +70,11 @@ class VLLMEngine(TokenizerPrompts):
         self.max_ongoing = max_ongoing
         self._ongoing = 0
         self._ids = itertools.count()
+        self._lora_ids = itertools.count(1)  # vLLM's lora_int_id: positive, unique
+        self.loras: dict[str, Any] = {}  # adapter key -> its LoRARequest
         self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(
+                **lora_args(max_loras, max_lora_rank),
                 model=str(model_dir),
                 dtype=resolved.dtype,
                 tensor_parallel_size=max(1, num_gpus),  # one replica spans its GPUs
@@ -77,6 +88,17 @@ class VLLMEngine(TokenizerPrompts):
                 structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
             )
         )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=path)
+        await self.engine.add_lora(request)
+        self.loras[name] = request
+
+    async def unload_adapter(self, name: str) -> None:
+        request = self.loras.pop(name)
+        await self.engine.remove_lora(request.lora_int_id)
 
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams as VllmSampling
@@ -111,7 +133,10 @@ class VLLMEngine(TokenizerPrompts):
         sent: dict[int, str] = {}  # choice -> text sent
         scored: dict[int, int] = {}  # choice -> logprobs sent
         try:
-            async for out in self.engine.generate({"prompt_token_ids": ids}, sampling, request_id):
+            lora = self.loras[params.adapter] if params.adapter is not None else None
+            async for out in self.engine.generate(
+                {"prompt_token_ids": ids}, sampling, request_id, lora_request=lora
+            ):
                 for done in out.outputs:
                     if done.index in finished:
                         continue
@@ -190,6 +215,19 @@ class VLLMEngine(TokenizerPrompts):
 
     def close(self) -> None:
         self.engine.shutdown()
+
+
+def lora_args(max_loras: int, max_lora_rank: int) -> dict[str, Any]:
+    """vLLM's engine arguments for LoRA: none without adapters (LoRA's kernels cost memory
+    and time even unused)."""
+    if not max_loras:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": max_loras,  # adapters in one batch; the registry loads no more
+        "max_cpu_loras": max_loras,  # and keeps no more than that in host memory
+        "max_lora_rank": max_lora_rank,
+    }
 
 
 def _structured(grammar: str | None) -> Any:
