@@ -16,7 +16,6 @@ tokens/s (not requests/s) compares the per-token cost.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serve_load import free_port  # noqa: E402
+from serve_load import free_port, run_concurrently  # noqa: E402
 
 CITIES = ["Paris", "Oslo", "Rome", "Lima", "Cairo", "Tokyo", "Madrid", "Nairobi"]
 SCHEMA = {
@@ -113,10 +112,7 @@ def load(base_url: str, mode: str, concurrency: int, requests: int, max_tokens: 
         )
 
     one(0)  # warm-up
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
+    results, wall = run_concurrently(one, concurrency, requests)
     return {
         "tokens_per_s": sum(r[1] for r in results) / wall,
         "p50_s": statistics.median(r[0] for r in results),

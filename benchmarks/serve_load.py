@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,16 +190,30 @@ def load(
         return time.perf_counter() - start, 0.0, done.usage.completion_tokens
 
     one(0)  # warm-up
+    results, wall = run_concurrently(one, concurrency, requests)
+    return {
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        **latency_percentiles(r[0] for r in results),
+        "ttft_p50_s": statistics.median(r[1] for r in results) if stream else None,
+    }
+
+
+def run_concurrently(
+    one: Callable[[int], tuple], concurrency: int, requests: int
+) -> tuple[list[tuple], float]:
+    """`one(i)` for each of `requests` on `concurrency` client threads: the results in order
+    and the wall time in seconds."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
+    return results, time.perf_counter() - start
+
+
+def latency_percentiles(latencies: Iterable[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
     return {
-        "tokens_per_s": sum(r[2] for r in results) / wall,
-        "p50_s": statistics.median(latencies),
-        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "ttft_p50_s": statistics.median(r[1] for r in results) if stream else None,
+        "p50_s": statistics.median(ordered),
+        "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
     }
 
 
@@ -342,15 +357,10 @@ def spread(base_url: str, models: list[str], concurrency: int, requests: int, to
 
     for i in range(len(models)):
         one(i)  # warm-up: every adapter loaded
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
+    results, wall = run_concurrently(one, concurrency, requests)
     return {
         "tokens_per_s": sum(r[1] for r in results) / wall,
-        "p50_s": statistics.median(latencies),
-        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        **latency_percentiles(r[0] for r in results),
     }
 
 
