@@ -93,6 +93,12 @@ class Node:
     process: subprocess.Popen | None = None
     family: list[psutil.Process] = field(default_factory=list)
 
+    @property
+    def agent_url(self) -> str:
+        flag = "--dashboard-agent-listen-port="
+        (port,) = [a.removeprefix(flag) for a in self.args if a.startswith(flag)]
+        return f"http://{LOOPBACK}:{port}"
+
 
 class StartupError(RuntimeError):
     """A pod whose Ray node did not come up (its `ray start` log is in the message)."""
@@ -170,6 +176,11 @@ class RayCluster:
         for node in self.nodes[1:]:
             self._launch(node)
         self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), deadline, "every node")
+        # KubeRay submits only to a ready cluster: every pod's readiness probe asks its own
+        # dashboard agent for the raylet's health (without it, `ray job submit` can reach
+        # a head whose job agent is not up yet and fail the submitter pod).
+        for node in self.nodes:
+            self._wait(lambda n=node: self._raylet_healthy(n), deadline, f"{node.pod.name} ready")
         # The Ray nodes as they joined (node_id, labels, resources_total): what tests check
         # placement against after the cluster is gone.
         self.node_table = self.alive_nodes()
@@ -229,6 +240,15 @@ class RayCluster:
             return httpx.get(self.dashboard_url + "/api/gcs_healthz", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def _raylet_healthy(self, node: Node) -> bool:
+        try:
+            response = httpx.get(
+                node.agent_url + "/api/local_raylet_healthz", headers=self.auth_headers, timeout=5
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and "success" in response.text
 
     def _wait(self, check, deadline: float, what: str) -> None:
         while not check():

@@ -41,6 +41,8 @@ from tests.kuberay_replay.pods import Pod, container_env
 log = logging.getLogger("kuberay_replay")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SUBMITTER_BACKOFF_LIMIT = 2  # KubeRay's default submitterConfig.backoffLimit
+# The Job controller's delay before it replaces a failed pod: 10 s, doubled per failure.
+POD_BACKOFF_SECONDS = 10.0
 POLL_SECONDS = 1.0
 HEALTH = (
     'python -c "import sys, urllib.request; '
@@ -207,7 +209,8 @@ class RayJobReplay:
         self._write({"dashboardURL": cluster.dashboard_url.removeprefix("http://")}, changed=False)
         self._write({"jobDeploymentStatus": "Running"})
         pods = 0
-        submitter = self._start_submitter(cluster, pods)
+        submitter: _Submitter | None = self._start_submitter(cluster, pods)
+        restart_at = 0.0
         while True:
             expired = self._deadline_passed()
             if expired:
@@ -224,10 +227,18 @@ class RayJobReplay:
                 times = {k: v for k, v in times.items() if v}
                 self.status["rayJobInfo"] = times
                 self._write(update)
+            if submitter is None:
+                if time.monotonic() >= restart_at:
+                    submitter = self._start_submitter(cluster, pods)
+                time.sleep(POLL_SECONDS)
+                continue
             self._publish_log(submitter)
             code = submitter.process.poll()
             if code is not None and code != 0:
                 pods += 1
+                log.warning(
+                    "submitter pod %s exited %s:\n%s", submitter.pod, code, self.logs[-1][-3000:]
+                )
                 if pods > SUBMITTER_BACKOFF_LIMIT:
                     if self.status.get("jobStatus") == "FAILED":
                         self.status["reason"] = "AppFailed"
@@ -238,7 +249,8 @@ class RayJobReplay:
                             "Message: Job has reached the specified backoff limit"
                         )
                     return "Failed"
-                submitter = self._start_submitter(cluster, pods)
+                submitter = None
+                restart_at = time.monotonic() + POD_BACKOFF_SECONDS * 2 ** (pods - 1)
                 continue
             if info is not None and info["status"] in TERMINAL and code == 0:
                 if info["status"] == "FAILED":
