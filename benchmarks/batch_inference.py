@@ -2,11 +2,15 @@
 plain loop of batched `generate` calls over the same prompts, model and batch size.
 
 Same total threads: the plain loop is one process with all the cores, llmray runs `workers`
-actors with cores/workers threads each. Reported: generated tokens/s of each, the ratio per
-core, and llmray's wall time with its actor start and model loads (Ray start excluded).
+actors with cores/workers threads each, so the ratio of the two rates is the ratio per core.
 
-    python benchmarks/batch_inference.py              # prints the table
-    python benchmarks/batch_inference.py --prompts 64 --max-new-tokens 32
+Each `run_batch` call starts a fresh actor pool (actor start, model load: a fixed cost of
+several seconds). Two sizes separate that cost from the steady-state rate: llmray's steady
+rate is (tokens(large) - tokens(small)) / (wall(large) - wall(small)), and the fixed cost is
+what the small run took beyond its tokens at that rate. Ray start is excluded.
+
+    python benchmarks/batch_inference.py                     # 64 and 256 prompts
+    python benchmarks/batch_inference.py --prompts 64 --large 512 --max-new-tokens 32
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def plain_loop(model_dir: Path, records: list[dict], batch: int, new_tokens: int) -> float:
-    """Generated tokens/s of a plain loop: render, left-pad, greedy generate, batch by batch."""
+def plain_loop(
+    model_dir: Path, records: list[dict], batch: int, new_tokens: int, threads: int
+) -> tuple[int, float]:
+    """(generated tokens, seconds) of a plain loop: render, left-pad, greedy generate, batch
+    by batch (model load excluded)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmray_trainer.batch import prompt_messages
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -48,10 +55,13 @@ def plain_loop(model_dir: Path, records: list[dict], batch: int, new_tokens: int
         for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
             eos = tok.eos_token_id
             tokens += next((j + 1 for j, t in enumerate(ids) if t == eos), len(ids))
-    return tokens / (time.perf_counter() - start)
+    return tokens, time.perf_counter() - start
 
 
-def llmray_batch(model_dir: Path, records, batch: int, new_tokens: int, workers: int):
+def llmray_batch(
+    model_dir: Path, records, batch: int, new_tokens: int, workers: int
+) -> tuple[int, float]:
+    """(generated tokens, wall seconds) of one `run_batch` call on a fresh actor pool."""
     from llmray.localray import ensure_ray
     from llmray_trainer.batch import Generation, ModelSource, run_batch
 
@@ -59,19 +69,16 @@ def llmray_batch(model_dir: Path, records, batch: int, new_tokens: int, workers:
     source = ModelSource(uri=str(model_dir), base_dir="/", cache_dir=tempfile.mkdtemp())
     cpus = max(1, (os.cpu_count() or 1) // workers)
     gen = Generation(max_new_tokens=new_tokens)
-    # Once to warm up (actor start, model load), then the measured run on a fresh pool.
-    run_batch(
-        records[:workers], source, gen, workers=workers, batch_size=batch, cpus_per_worker=cpus
-    )
     start = time.perf_counter()
     rows = run_batch(records, source, gen, workers=workers, batch_size=batch, cpus_per_worker=cpus)
     wall = time.perf_counter() - start
-    return sum(r["outputTokens"] for r in rows) / wall, wall
+    return sum(r["outputTokens"] for r in rows), wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=64, help="the small run")
+    parser.add_argument("--large", type=int, default=256, help="the large run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -79,26 +86,50 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from llmray.localray import ensure_ray
     from llmray_trainer.tiny_model import create_tiny_model
 
     model_dir = create_tiny_model(
         Path(tempfile.mkdtemp()) / "model", hidden_size=args.hidden, layers=args.layers
     )
     lines = (REPO / "examples" / "data" / "instruction.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines[: args.prompts]]
-    plain = plain_loop(model_dir, records, args.batch_size, args.max_new_tokens)
-    ours, wall = llmray_batch(
-        model_dir, records, args.batch_size, args.max_new_tokens, args.workers
-    )
-    cores = os.cpu_count()
+    pool = [json.loads(line) for line in lines]
+    sizes = (args.prompts, args.large)
+    runs = {}
+    cores = os.cpu_count() or 1
+    ensure_ray()
+    # A throwaway pool first: Ray's worker processes and imports warm, as on a used cluster.
+    llmray_batch(model_dir, pool[:2], args.batch_size, args.max_new_tokens, args.workers)
+    for n in sizes:
+        records = [pool[i % len(pool)] for i in range(n)]
+        plain = plain_loop(model_dir, records, args.batch_size, args.max_new_tokens, cores)
+        ours = llmray_batch(model_dir, records, args.batch_size, args.max_new_tokens, args.workers)
+        runs[n] = plain, ours
+    # Per core, without threads that wait on each other: the plain loop on one core.
+    one = plain_loop(model_dir, records, args.batch_size, args.max_new_tokens, 1)
+    load = os.getloadavg()[0]
     print(f"model: random Llama hidden {args.hidden}, {args.layers} layers; {cores} cores")
-    print(f"{len(records)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens")
-    print(f"plain loop (1 process, {cores} threads): {plain:.0f} tokens/s")
+    print(f"batch {args.batch_size}, {args.max_new_tokens} new tokens; load average {load:.1f}")
+    print()
+    print("| prompts | plain loop tokens/s | llmray batch tokens/s (whole call) | llmray wall |")
+    print("|---:|---:|---:|---:|")
+    for n, ((pt, ps), (lt, lw)) in runs.items():
+        print(f"| {n} | {pt / ps:.0f} | {lt / lw:.0f} | {lw:.1f} s |")
+    (_, (small_t, small_w)), (plain_large, (large_t, large_w)) = runs[sizes[0]], runs[sizes[1]]
+    steady = (large_t - small_t) / (large_w - small_w)
+    fixed = small_w - small_t / steady
+    plain = plain_large[0] / plain_large[1]
+    print()
+    print(f"llmray steady state: {steady:.0f} tokens/s; fixed cost per call {fixed:.1f} s")
     print(
-        f"llmray batch ({args.workers} actors): {ours:.0f} tokens/s (wall {wall:.1f} s, "
-        "actor start and model load included)"
+        f"steady state against the plain loop ({sizes[1]} prompts, {cores} threads): "
+        f"{steady / plain:.2f}x"
     )
-    print(f"ratio: {ours / plain:.2f}x")
+    per_core = steady / min(args.workers, cores)
+    print(
+        f"per core: llmray {per_core:.0f} tokens/s per actor, plain loop on 1 thread "
+        f"{one[0] / one[1]:.0f} tokens/s: {per_core / (one[0] / one[1]):.2f}x"
+    )
 
 
 if __name__ == "__main__":
