@@ -1,8 +1,9 @@
 """Batch inference throughput: `llmray batch`'s pipeline (Ray Data, 2 generator actors) vs a
 plain loop of batched `generate` calls over the same prompts, model and batch size.
 
-Same total threads: the plain loop is one process with all the cores, llmray runs `workers`
-actors with cores/workers threads each, so the ratio of the two rates is the ratio per core.
+Same total threads: llmray runs `workers` actors with one thread each; the references are
+one plain loop with all the cores, and `workers` single-thread plain loops at once in separate
+processes (the actors' layout without Ray Data: the per-core reference).
 
 Each `run_batch` call starts a fresh actor pool (actor start, model load: a fixed cost of
 several seconds). Two sizes separate that cost from the steady-state rate: llmray's steady
