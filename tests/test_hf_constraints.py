@@ -104,7 +104,13 @@ async def test_json_schema_output_validates_for_50_samples_at_temperature_1(engi
     ).grammar
     prompt = engine.render_chat([{"role": "user", "content": "The weather as JSON"}])
     params = replace(HOT, max_tokens=96, grammar=grammar)
-    outs = await asyncio.gather(*(collect(engine.generate(prompt, params)) for _ in range(50)))
+    ongoing = asyncio.Semaphore(engine.max_ongoing)  # beyond it the engine answers 503
+
+    async def one():
+        async with ongoing:
+            return await collect(engine.generate(prompt, params))
+
+    outs = await asyncio.gather(*(one() for _ in range(50)))
     for out in outs:
         assert out.finish_reason == "stop", out.text
         value = json.loads(out.text)
@@ -236,3 +242,28 @@ async def test_constrained_requests_leave_the_others_in_their_batch_alone(engine
     assert together[0].text == together[-1].text == alone.text
     assert all(o.text.startswith("{") for o in together[1:-1])
     assert not engine.logits.controls  # every request's controls are gone with it
+
+
+async def test_a_batch_of_different_grammars_gives_each_request_its_own(engine) -> None:
+    schema = plan(
+        engine,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "w", "schema": SCHEMA, "strict": True},
+        },
+    ).grammar
+    calls = plan(engine, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    prompt = engine.render_chat([{"role": "user", "content": "The weather"}])
+    answers = replace(HOT, max_tokens=96, grammar=schema)
+    call = replace(HOT, max_tokens=80, grammar=calls.grammar)
+    outs = await asyncio.gather(
+        *(collect(engine.generate(prompt, answers if i % 2 else call)) for i in range(8))
+    )
+    for i, out in enumerate(outs):
+        if i % 2:
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+            continue
+        stream = calls.parser.stream({"get_weather"})
+        (event,) = stream.feed(out.text) + stream.finish()
+        assert isinstance(event, Call), out.text
+        jsonschema.validate(json.loads(event.arguments), WEATHER["function"]["parameters"])

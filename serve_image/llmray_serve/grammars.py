@@ -1,10 +1,10 @@
 """Grammars for constrained decoding: `response_format` and forced tool calls.
 
 One grammar text per request, in llguidance's Lark dialect (JSON Schemas embedded with
-`%json`), for both engines: the transformers engine compiles it with llguidance per request
-(hf_constraints.py); the vLLM engine hands it to vLLM's own structured outputs, whose
-"guidance" backend is the same library. Built here, checked here (a schema llguidance cannot
-compile is a 400 naming the field, before any engine sees it).
+`%json`), for both engines: the transformers engine compiles it with llguidance once per
+grammar text (hf_engine.py; its masks: hf_masks.py); the vLLM engine hands it to vLLM's own
+structured outputs, whose "guidance" backend is the same library. Built here, checked here
+(a schema llguidance cannot compile is a 400 naming the field, before any engine sees it).
 
     start: answer | calls                 # response_format json_schema + tool_choice auto
     answer: %json{"type": "object", ...}

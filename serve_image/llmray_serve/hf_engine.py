@@ -59,6 +59,7 @@ PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
 # stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
 STUCK_AFTER_S = 120.0
 PROMPT_LOGITS_ROWS = 256  # prompt positions per lm-head call when scoring a prompt (echo)
+COMPILED_GRAMMARS = 64  # the grammars most recently used, kept compiled
 
 
 class TransformersEngine(TokenizerPrompts):
@@ -100,6 +101,7 @@ class TransformersEngine(TokenizerPrompts):
         self.steps = GuardedSteps(stuck_after_s, self._between_steps)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.grammar_tokenizer = _grammar_tokenizer(self.tokenizer, vocab, self.eos_ids)
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.manager, self.logits = _start_manager(
             model, self.eos_ids, device, max_batch, max_seq_tokens, self.steps, vocab
         )
@@ -120,19 +122,23 @@ class TransformersEngine(TokenizerPrompts):
             raise EngineOverloaded(f"{self._ongoing} requests ongoing, limit {self.max_ongoing}")
         self.check_logit_bias(params)
         ids = self.prompt_ids(prompt)
-        matchers = await self._matchers(params.grammar, n)
-        scored = None
-        if params.prompt_logprobs is not None:
-            scored = await asyncio.to_thread(
-                self._score_prompt, ids, params.prompt_logprobs, params.adapter
-            )
+        self._ongoing += n  # taken before the awaits below, in which other requests come in
+        try:
+            matchers = await self._matchers(params.grammar, n)
+            scored = None
+            if params.prompt_logprobs is not None:
+                scored = await asyncio.to_thread(
+                    self._score_prompt, ids, params.prompt_logprobs, params.adapter
+                )
+        except BaseException:
+            self._ongoing -= n
+            raise
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"llmray-{next(self._ids)}"
         # transformers names the choices it forks from a request so (Manager.update_batch).
         sequences = [request_id] + [f"{request_id}__child#{i}" for i in range(n - 1)]
-        if params.seed is not None and self._ongoing == 0:
+        if params.seed is not None and self._ongoing == n:
             torch.manual_seed(params.seed)  # reproducible for a request alone in the engine
-        self._ongoing += n
         finished: set[int] = set()
         try:
             for index, sequence in enumerate(sequences):
@@ -227,16 +233,30 @@ class TransformersEngine(TokenizerPrompts):
             self.manager.num_return_sequences = 1
 
     async def _matchers(self, grammar: str | None, n: int) -> list[Any] | None:
-        """One grammar matcher per choice (compiled off the event loop: a large schema takes
-        milliseconds), or None without a grammar."""
+        """One grammar matcher per choice, or None without a grammar: copies of the grammar's
+        compiled matcher (kept for the next requests with the same grammar, as a service's
+        clients send the same schema or tools again and again; compiled off the event loop:
+        a large schema takes milliseconds)."""
         if grammar is None:
             return None
+        compiled = self._compiled.get(grammar)
+        if compiled is None:
+            compiled = await asyncio.to_thread(self._compile, grammar)
+        else:
+            self._compiled.move_to_end(grammar)
+        return [compiled.deep_copy() for _ in range(n)]
+
+    def _compile(self, grammar: str) -> Any:
         import llguidance
 
-        first = await asyncio.to_thread(llguidance.LLMatcher, self.grammar_tokenizer, grammar)
-        if first.is_error():
-            raise InvalidParameter("response_format", f"grammar error: {first.get_error()}")
-        return [first] + [first.deep_copy() for _ in range(n - 1)]
+        matcher = llguidance.LLMatcher(self.grammar_tokenizer, grammar)
+        if matcher.is_error():
+            raise InvalidParameter("response_format", f"grammar error: {matcher.get_error()}")
+        matcher.compute_bitmask()  # builds the first token's lexer states, for its copies too
+        self._compiled[grammar] = matcher
+        while len(self._compiled) > COMPILED_GRAMMARS:
+            self._compiled.popitem(last=False)
+        return matcher
 
     def _logprobs(self, choice: _Choice, out: Any) -> tuple[TokenLogprob, ...]:
         """The logprobs of the choice's tokens since its last chunk (end tokens left out, as

@@ -15,9 +15,10 @@ of the step whose request asked for something it
 
 After sampling (`sampled`, hooked on transformers' sampler) it records the chosen token's
 logprob and the top alternatives, counts it for the penalties and advances the grammar; the
-grammar's next mask is then computed on a worker thread while the model runs the next
-forward pass (llguidance releases the GIL), so a constrained step costs little more than a
-free one. Rows of requests that asked for nothing are left untouched, without per-row work.
+next masks of all the step's grammars are then filled together on a worker thread while the
+model runs the next forward pass, and applied in one operation (hf_masks.py), so a
+constrained step costs little more than a free one. Rows of requests that asked for nothing
+are left untouched, without per-row work.
 
 The rows of a step are the requests that get a new token in it, in the batch's order
 (transformers' `requests_with_new_token`, the order of the logits rows it samples).
@@ -26,7 +27,6 @@ The rows of a step are the requests that get a new token in it, in the batch's o
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,9 +41,9 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopPLogitsWarper as _TopP,
 )
 
-log = logging.getLogger(__name__)
+from llmray_serve.hf_masks import GrammarMasks
 
-_BITS = torch.arange(32, dtype=torch.int32)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +67,6 @@ class RequestControls:
     counts: torch.Tensor | None = None  # generated tokens so far, per token id (penalties)
     recorded: list[Recorded] = field(default_factory=list)  # one per generated token
     grammar_error: str | None = None
-    next_mask: Future | None = None
 
     @property
     def penalised(self) -> bool:
@@ -83,7 +82,7 @@ class PerRequestLogits(ContinuousBatchingLogitsProcessor):
         self.controls: dict[str, RequestControls] = {}  # by transformers' request id
         self.rows: list[RequestControls | None] = []
         self._raw: dict[int, torch.Tensor] = {}
-        self._masks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmray-grammar")
+        self._masks = GrammarMasks(vocab_size)
 
     def controls_for(
         self,
@@ -119,8 +118,13 @@ class PerRequestLogits(ContinuousBatchingLogitsProcessor):
         if not any(self.rows):
             return scores
         vocab = scores.size(-1)
+        constrained = []
         for i, c in enumerate(self.rows):
             if c is None:
+                continue
+            if c.matcher is not None:
+                constrained.append((i, c.matcher))
+            if c.top is None and c.bias is None and c.counts is None:
                 continue
             row = scores[i]
             if c.top is not None:
@@ -130,12 +134,13 @@ class PerRequestLogits(ContinuousBatchingLogitsProcessor):
             if c.counts is not None:
                 counts = c.counts[:vocab].to(row.device)
                 row -= c.frequency * counts + c.presence * (counts > 0).float()
-            if c.matcher is not None:
-                row.masked_fill_(~self._allowed(c, vocab).to(row.device), float("-inf"))
+        if constrained:
+            self._masks.apply(scores, constrained)
         return scores
 
     def sampled(self, tokens: list[int]) -> None:
         """After sampling: `tokens` are the rows' new tokens, in row order."""
+        constrained = []
         for i, c in enumerate(self.rows):
             if c is None or i >= len(tokens):
                 continue
@@ -147,19 +152,9 @@ class PerRequestLogits(ContinuousBatchingLogitsProcessor):
                 c.counts[token] += 1
             if c.matcher is not None:
                 self._advance(c, token)
+                constrained.append(c.matcher)
         self._raw.clear()
-
-    # --- grammars ---
-
-    def _allowed(self, c: RequestControls, vocab: int) -> torch.Tensor:
-        """The tokens the grammar allows next, as a boolean row of `vocab`."""
-        mask = c.next_mask.result() if c.next_mask is not None else c.matcher.compute_bitmask()
-        c.next_mask = None
-        words = torch.frombuffer(bytearray(mask), dtype=torch.int32)
-        allowed = ((words.unsqueeze(-1) >> _BITS) & 1).bool().flatten()
-        if allowed.numel() >= vocab:
-            return allowed[:vocab]
-        return torch.cat([allowed, torch.zeros(vocab - allowed.numel(), dtype=torch.bool)])
+        self._masks.prefetch(constrained)  # the next step's masks, during its forward pass
 
     def _advance(self, c: RequestControls, token: int) -> None:
         matcher = c.matcher
@@ -167,10 +162,9 @@ class PerRequestLogits(ContinuousBatchingLogitsProcessor):
             return
         if not matcher.consume_token(token):
             # Masked logits cannot produce a refused token: this is a bug, not the model.
+            # (A matcher in error allows only the end token from then on.)
             c.grammar_error = matcher.get_error() or f"token {token} refused"
             log.error("the grammar refused token %d: %s", token, c.grammar_error)
-            return
-        c.next_mask = self._masks.submit(matcher.compute_bitmask)  # during the next forward
 
 
 def _recorded(raw: torch.Tensor, token: int, top: int) -> Recorded:
