@@ -11,7 +11,11 @@ HAProxy ingress: the client's latency minus the replica's `openai-processing-ms`
     python benchmarks/serve_load.py --adapters 4           # one deployment, 4 LoRA adapters
     python benchmarks/serve_load.py --model ... --dtype float32 --peers none --levels 1,16
 
-`--dtype` is llmray's spec.dtype (the peers stay float32); `--peers none` runs llmray alone.
+    python benchmarks/serve_load.py --model ... --dtype float32 --peers llamacpp --gguf F.gguf
+
+`--dtype` is llmray's spec.dtype (the peers stay float32); `--peers none` runs llmray alone;
+`llamacpp` adds llama.cpp's `llama-server` (how to build it: benchmarks/llamacpp_peer.py),
+skipped with a note when it is not installed.
 
 The naive baseline is FastAPI + uvicorn in one process, a lock around `model.generate`: what a
 hand-rolled server does, and what the 2x goal is measured against. The second baseline is
@@ -41,6 +45,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"Tell me a short fact about the number {i}." for i in range(64)]
+
+
+PEER_NOTES = {
+    "naive": "FastAPI + one `generate` per request",
+    "transformers serve": "`--continuous-batching`, one process, no Ray",
+}
 
 
 def free_port() -> int:
@@ -225,12 +235,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", help="llmray's spec.dtype")
     parser.add_argument(
-        "--peers", default="naive,transformers-serve", help="comma-separated, or none"
+        "--peers",
+        default="naive,transformers-serve",
+        help="comma-separated from naive, transformers-serve, llamacpp; or none",
     )
+    parser.add_argument("--gguf", help="the GGUF file for --peers ...,llamacpp")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--adapters", type=int, default=0, help="LoRA adapters (see above)")
     args = parser.parse_args()
     peers = set(args.peers.split(",")) - {"none", ""}
+    unknown = peers - {"naive", "transformers-serve", "llamacpp"}
+    if unknown:
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))}")
+    sys.path.insert(0, str(REPO / "benchmarks"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.model:
@@ -266,64 +283,85 @@ def main() -> int:
     precision = f"{served.dtype}, quantization {served.quantization}"
     if args.dtype != "auto":
         label += f" ({precision})"
-    naive_url = ts_url = ts = None
+    servers = [("llmray", llmray_url, "m")]  # (name, base URL, model name)
+    notes, children = [], []
     if "naive" in peers:
         naive_port = free_port()
         naive_server(model_dir, naive_port)
-        naive_url = f"http://127.0.0.1:{naive_port}/v1"
+        servers.append(("naive", f"http://127.0.0.1:{naive_port}/v1", "m"))
     if "transformers-serve" in peers:
         ts_port = free_port()
-        ts = transformers_serve(model_dir, ts_port)
-        ts_url, ts_model = f"http://127.0.0.1:{ts_port}/v1", str(model_dir)
+        children.append(transformers_serve(model_dir, ts_port))
+        servers.append(("transformers serve", f"http://127.0.0.1:{ts_port}/v1", str(model_dir)))
+    if "llamacpp" in peers:
+        import llamacpp_peer
+
+        if llamacpp_peer.binary() is None or not args.gguf:
+            notes.append(
+                "llama.cpp skipped: no `llama-server` (LLAMA_SERVER or PATH) or no --gguf."
+            )
+        else:
+            lc_port = free_port()
+            children.append(
+                llamacpp_peer.start(Path(args.gguf), lc_port, max(levels), os.cpu_count() or 1)
+            )
+            servers.append(("llama.cpp", f"http://127.0.0.1:{lc_port}/v1", "m"))
+            notes.append(
+                f"llama.cpp: `llama-server --parallel {max(levels)}`, {Path(args.gguf).name}."
+            )
     time.sleep(3)
 
-    skipped = {"tokens_per_s": float("nan"), "p50_s": float("nan"), "p99_s": float("nan")}
+    names = [name for name, _, _ in servers]
     rows = []
     for c in levels:
-        ours = load(llmray_url, "m", c, args.requests, args.max_tokens)
-        base = load(naive_url, "m", c, args.requests, args.max_tokens) if naive_url else skipped
-        hf = load(ts_url, ts_model, c, args.requests, args.max_tokens) if ts_url else skipped
+        got = {
+            name: load(url, model, c, args.requests, args.max_tokens)
+            for name, url, model in servers
+        }
         streamed = load(llmray_url, "m", c, max(c, args.requests // 2), args.max_tokens, True)
-        rows.append(
-            f"| {c} | {ours['tokens_per_s']:.0f} | {base['tokens_per_s']:.0f} | "
-            f"{hf['tokens_per_s']:.0f} | "
-            f"{ours['tokens_per_s'] / base['tokens_per_s']:.1f}x | "
-            f"{ours['p50_s'] * 1000:.0f} / {ours['p99_s'] * 1000:.0f} | "
-            f"{base['p50_s'] * 1000:.0f} / {base['p99_s'] * 1000:.0f} | "
-            f"{hf['p50_s'] * 1000:.0f} / {hf['p99_s'] * 1000:.0f} | "
-            f"{streamed['ttft_p50_s'] * 1000:.0f} |"
-        )
-    ours_one, inside_one = one_token(llmray_url, "m")
-    naive_one = one_token(naive_url, "m")[0] if naive_url else float("nan")
-    hf_one = one_token(ts_url, ts_model)[0] if ts_url else float("nan")
-    if ts is not None:
-        ts.terminate()
+        ours = got["llmray"]["tokens_per_s"]
+        cells = [
+            *(f"{got[n]['tokens_per_s']:.0f}" for n in names),
+            *(f"{ours / got[n]['tokens_per_s']:.2f}x" for n in names[1:]),
+            *(f"{got[n]['p50_s'] * 1000:.0f} / {got[n]['p99_s'] * 1000:.0f}" for n in names),
+            f"{streamed['ttft_p50_s'] * 1000:.0f}",
+        ]
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    single = {name: one_token(url, model) for name, url, model in servers}
+    for child in children:
+        child.terminate()
+    ours_one, inside_one = single["llmray"]
     overhead = ours_one - (inside_one or 0.0)
+    header = [
+        "concurrency",
+        *(f"{n} tokens/s" for n in names),
+        *(f"llmray / {n}" for n in names[1:]),
+        *(f"{n} p50 / p99 ms" for n in names),
+        "llmray TTFT p50 ms (stream)",
+    ]
+    peers_one = "".join(f"; {n} {single[n][0] * 1000:.0f} ms" for n in names[1:])
     report = "\n".join(
         [
             f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
             "",
             f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
             f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
-            f"engine (continuous batching), {precision}; naive: FastAPI + one `generate` per "
-            "request; "
-            "transformers serve: `--continuous-batching`, one process, no Ray.",
+            f"engine (continuous batching), {precision}"
+            + "".join(f"; {n}: {PEER_NOTES[n]}" for n in names[1:] if n in PEER_NOTES)
+            + ".",
+            *notes,
             "",
-            "| concurrency | llmray tokens/s | naive tokens/s | transformers serve tokens/s "
-            "| llmray / naive | llmray p50 / p99 ms | naive p50 / p99 ms "
-            "| transformers serve p50 / p99 ms | llmray TTFT p50 ms (stream) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| " + " | ".join(header) + " |",
+            "|" + "---:|" * len(header),
             *rows,
             "",
             f"One-token completion, p50: llmray {ours_one * 1000:.0f} ms, of which "
             f"{overhead * 1000:.1f} ms outside the replica (HTTP + Ray Serve's HAProxy ingress: "
-            "the client's latency minus the replica's `openai-processing-ms`); naive "
-            f"{naive_one * 1000:.0f} ms, transformers serve {hf_one * 1000:.0f} ms.",
+            f"the client's latency minus the replica's `openai-processing-ms`){peers_one}.",
         ]
     )
     print(report)
     if not args.no_write:
-        sys.path.insert(0, str(REPO / "benchmarks"))
         from train_throughput import write_block
 
         write_block(
@@ -437,7 +475,6 @@ def adapters_main(args: argparse.Namespace, model_dir: Path, label: str) -> int:
     )
     print(report)
     if not args.no_write:
-        sys.path.insert(0, str(REPO / "benchmarks"))
         from train_throughput import write_block
 
         suffix = "" if not args.model else "-" + Path(args.model).name
