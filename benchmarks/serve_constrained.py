@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serve_load import free_port, run_concurrently  # noqa: E402
+from serve_load import command_line, free_port, run_concurrently  # noqa: E402
 
 CITIES = ["Paris", "Oslo", "Rome", "Lima", "Cairo", "Tokyo", "Madrid", "Nairobi"]
 SCHEMA = {
@@ -169,7 +169,7 @@ def main() -> int:
     load2 = os.getloadavg()[0]
     report = "\n".join(
         [
-            f"`python benchmarks/serve_constrained.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            command_line(__file__),
             "",
             f"Model: {label}; {args.requests} chat completions per level and mode, temperature "
             f"1, max_tokens {args.max_tokens}; llmray serve (Ray Serve, transformers engine, "

@@ -53,6 +53,12 @@ PEER_NOTES = {
 }
 
 
+def command_line(script: str) -> str:
+    """The command that ran this benchmark, as BENCHMARKS.md quotes it."""
+    args = " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]])
+    return f"`{args}`"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -342,7 +348,7 @@ def main() -> int:
     peers_one = "".join(f"; {n} {single[n][0] * 1000:.0f} ms" for n in names[1:])
     report = "\n".join(
         [
-            f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            command_line(__file__),
             "",
             f"Model: {label}; {args.requests} chat completions per level, greedy, max_tokens "
             f"{args.max_tokens}; {os.cpu_count()} cores. llmray: Ray Serve app, transformers "
@@ -454,7 +460,7 @@ def adapters_main(args: argparse.Namespace, model_dir: Path, label: str) -> int:
     warm = statistics.median(w for _, w in loads)
     report = "\n".join(
         [
-            f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            command_line(__file__),
             "",
             f"Model: {label}; {args.adapters} LoRA adapters (rank 8 on every linear layer) in "
             f"one deployment, against one of them merged and served alone; {args.requests} "

@@ -94,14 +94,19 @@ def plan(engine, **body):
     return plan_chat(request, engine.tool_format)
 
 
-async def test_json_schema_output_validates_for_50_samples_at_temperature_1(engine) -> None:
-    grammar = plan(
+def schema_grammar(engine) -> str:
+    """The grammar of a strict json_schema response_format for SCHEMA."""
+    return plan(
         engine,
         response_format={
             "type": "json_schema",
             "json_schema": {"name": "w", "schema": SCHEMA, "strict": True},
         },
     ).grammar
+
+
+async def test_json_schema_output_validates_for_50_samples_at_temperature_1(engine) -> None:
+    grammar = schema_grammar(engine)
     prompt = engine.render_chat([{"role": "user", "content": "The weather as JSON"}])
     params = replace(HOT, max_tokens=96, grammar=grammar)
     ongoing = asyncio.Semaphore(engine.max_ongoing)  # beyond it the engine answers 503
@@ -245,13 +250,7 @@ async def test_constrained_requests_leave_the_others_in_their_batch_alone(engine
 
 
 async def test_a_batch_of_different_grammars_gives_each_request_its_own(engine) -> None:
-    schema = plan(
-        engine,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "w", "schema": SCHEMA, "strict": True},
-        },
-    ).grammar
+    schema = schema_grammar(engine)
     calls = plan(engine, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     prompt = engine.render_chat([{"role": "user", "content": "The weather"}])
     answers = replace(HOT, max_tokens=96, grammar=schema)
