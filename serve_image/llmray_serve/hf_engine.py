@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from llmray import omp_pools
 from llmray.api.llmdeployment import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from llmray.precision import DTYPE_DEFAULT, QUANTIZATION_DEFAULT
 from llmray_serve import hf_logits
@@ -85,7 +86,12 @@ class TransformersEngine(TokenizerPrompts):
         `adapters`: serve LoRA adapters (hf_lora.py), mixed in one batch with the base."""
         self.tokenizer = load_tokenizer(model_dir)
         model, self.precision = load_model(
-            model_dir, device=device, dtype=dtype, quantization=quantization, ipex=ipex
+            model_dir,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            ipex=ipex,
+            packed_batch=max_batch,
         )
         self.model, self.device = model, device
         self.eos_ids = _eos_ids(model, self.tokenizer)
@@ -107,6 +113,9 @@ class TransformersEngine(TokenizerPrompts):
         )
         self._score_lock = threading.Lock()
         self._warm_up()
+        # Decoding runs on the generation thread from here on: this thread's OpenMP workers
+        # would only make libgomp throttle that thread's (omp_pools.py).
+        omp_pools.release_thread_pool()
 
     # --- the Engine interface (count_tokens and render_chat: TokenizerPrompts) ---
 
@@ -281,7 +290,10 @@ class TransformersEngine(TokenizerPrompts):
         """The prompt's logprobs, from one forward pass outside the batch (transformers' batch
         computes the last position's logits only); on a worker thread, one prompt at a time."""
         with self._score_lock, self._plain_forward(adapter, len(ids)):
-            scored = hf_logits.prompt_logprobs(self.model, ids, top, PROMPT_LOGITS_ROWS)
+            try:
+                scored = hf_logits.prompt_logprobs(self.model, ids, top, PROMPT_LOGITS_ROWS)
+            finally:
+                omp_pools.release_thread_pool()  # a worker thread: see __init__
         return tuple(
             TokenLogprob(
                 self.token_text(token),

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmray import precision as precisions
+from llmray_serve import hf_packed
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def load_model(
     dtype: str = precisions.DTYPE_DEFAULT,
     quantization: str = precisions.QUANTIZATION_DEFAULT,
     ipex: bool = False,
+    packed_batch: int = 0,
 ) -> tuple[Any, Precision]:
-    """The model on `device`, in eval mode, and the precision it runs in."""
+    """The model on `device`, in eval mode, and the precision it runs in. With
+    `packed_batch` (the decode batch), a CPU model's linear layers run on oneDNN-prepacked
+    weights (hf_packed.py): the model is then for inference only."""
     resolved = resolve(device, dtype, quantization)
     torch_dtype = getattr(torch, resolved.dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -88,6 +92,8 @@ def load_model(
     model = model.to(device).eval()
     if quantization == "int8":
         quantize_int8(model)
+    elif packed_batch and device == "cpu" and not ipex:
+        hf_packed.pack_linears(model, packed_batch)
     if ipex:
         try:
             import intel_extension_for_pytorch as ipex_mod  # type: ignore[import-not-found]

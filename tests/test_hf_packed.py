@@ -1,0 +1,119 @@
+"""Prepacked oneDNN linears (hf_packed.py) and releasing a thread's OpenMP pool (omp_pools.py):
+the same predictions as the plain model, each weight held once, the engine's greedy answer
+unchanged."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from llmray_serve.engine import SamplingParams, collect
+
+pytestmark = pytest.mark.integration
+
+TEXT = "Once upon a time there was a small model that learned to answer questions."
+
+
+def linears(model):
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_a_packed_model_predicts_what_the_plain_one_does_and_holds_each_weight_once(
+    tiny_model,
+) -> None:
+    import torch
+
+    from llmray_serve.hf_model import load_model
+    from llmray_serve.hf_packed import PackedLinear
+    from llmray_serve.prompts import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer(tiny_model)(TEXT)["input_ids"]])
+    plain, _ = load_model(tiny_model, dtype="float32")
+    packed, _ = load_model(tiny_model, dtype="float32", packed_batch=4)
+    assert all(type(m) is PackedLinear for m in linears(packed))
+    # The tiny model's weights are untied: each packed copy replaced its dense weight.
+    assert all(m.weight.is_mkldnn for m in linears(packed))
+    with torch.inference_mode():
+        expected, got = plain(ids).logits, packed(ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        greedy = {"max_new_tokens": 16, "do_sample": False}
+        assert torch.equal(plain.generate(ids, **greedy), packed.generate(ids, **greedy))
+
+
+def test_a_tied_weight_stays_dense_for_the_module_sharing_it() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmray_serve.hf_packed import pack_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.inference_mode():
+        expected = model(ids).logits
+    assert pack_linears(model, 4) == len(linears(model))
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embedding and not embedding.is_mkldnn
+    assert model.model.layers[0].mlp.up_proj.weight.is_mkldnn
+    with torch.inference_mode():
+        assert torch.allclose(expected, model(ids).logits, atol=1e-4)
+
+
+async def test_the_engine_answers_greedily_as_the_plain_model_does(tiny_model) -> None:
+    import torch
+
+    from llmray_serve.hf_engine import TransformersEngine
+    from llmray_serve.hf_model import load_model
+
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=4, max_ongoing=4)
+    try:
+        assert type(engine.model.lm_head).__name__ == "PackedLinear"
+        result = await collect(engine.generate(TEXT, SamplingParams(12, 0.0, 1.0)))
+    finally:
+        engine.close()
+    plain, _ = load_model(tiny_model, dtype="float32")
+    ids = engine.tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = plain.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids)
+    expected = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert result.text == expected
+
+
+def test_releasing_a_threads_openmp_pool_ends_its_worker_threads() -> None:
+    # In a fresh process, so that no other test's OpenMP pools are around.
+    script = textwrap.dedent(
+        """
+        import os, threading
+        import torch
+        from llmray import omp_pools
+
+        torch.set_num_threads(2)
+        def threads():
+            return len(os.listdir("/proc/self/task"))
+        before = threads()
+        torch.randn(2000, 2000) @ torch.randn(2000, 2000)  # a parallel region: a pool
+        with_pool = threads()
+        assert omp_pools.release_thread_pool()
+        after = threads()
+        torch.randn(2000, 2000) @ torch.randn(2000, 2000)  # the next region makes a new one
+        print(before, with_pool, after, threads())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    before, with_pool, after, again = map(int, out.stdout.split())
+    assert with_pool > before and after < with_pool and again > after, out.stdout
