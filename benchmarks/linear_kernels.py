@@ -4,8 +4,10 @@ A decode step multiplies a few rows (one per running request) by every weight ma
 model, so on a CPU it is bound by how fast the weights stream from memory. This times the
 linear layers of a model shaped like SmolLM2-135M (30 layers: q 576x576, k and v 192x576, o
 576x576, gate and up 1536x576, down 576x1536, then the 49152x576 lm head; random weights) at
-1 and 16 rows, on the main thread and on a second thread (the engine's generation thread is
-one), three ways:
+1 and 16 rows, on the main thread, on a second thread (the engine's generation thread is one)
+while the main thread keeps its OpenMP pool, and on a second thread after the main thread
+released it (llmray/omp_pools.py: with two pools on two cores libgomp throttles its workers'
+spinning), three ways:
 
 - `F.linear`, what the model runs today (MKL's sgemm, oneDNN for bf16);
 - oneDNN's matmul on a weight reordered once into its blocked layout (what torch.compile's
@@ -19,8 +21,13 @@ one), three ways:
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llmray import omp_pools
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 LAYERS = 30
@@ -72,13 +79,16 @@ def main() -> int:
     print("| rows | thread | kernel | ms per pass | GB/s |")
     print("|---:|---|---|---:|---:|")
     for rows in [int(r) for r in args.rows.split(",")]:
-        for where in ("main", "second"):
+        for where in ("main", "second", "second, main's pool released"):
             for name, fn in kernels(torch, weights, rows).items():
                 result: list[float] = []
                 worker = threading.Thread(target=lambda f=fn, r=result: r.append(per_pass(f)))
                 if where == "main":
                     result.append(per_pass(fn))
                 else:
+                    per_pass(fn)  # the main thread's pool exists (kernels() made one too)
+                    if where != "second":
+                        omp_pools.release_thread_pool()
                     worker.start()
                     worker.join()
                 rate = mega / 1e3 / result[0]

@@ -117,3 +117,16 @@ def test_releasing_a_threads_openmp_pool_ends_its_worker_threads() -> None:
     assert out.returncode == 0, out.stderr
     before, with_pool, after, again = map(int, out.stdout.split())
     assert with_pool > before and after < with_pool and again > after, out.stdout
+
+
+def test_where_onednn_cannot_pack_the_model_stays_plain(tiny_model, monkeypatch) -> None:
+    import torch
+
+    from llmray_serve.hf_model import load_model
+
+    def unsupported(*_):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
+    model, _ = load_model(tiny_model, dtype="float32", packed_batch=4)
+    assert all(type(m) is torch.nn.Linear and not m.weight.is_mkldnn for m in linears(model))

@@ -69,6 +69,8 @@ def pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
         for p in m.parameters(recurse=False)
         if id(p) in linear_weights
     }
+    if layers and not _packs(layers[0], batch_hint):
+        return 0
     with torch.no_grad():
         for layer in layers:
             packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), batch_hint)
@@ -83,3 +85,22 @@ def pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
         len(shared),
     )
     return len(layers)
+
+
+def _packs(layer: torch.nn.Linear, batch_hint: int) -> bool:
+    """Whether this build's oneDNN packs and multiplies like F.linear (tried on one layer
+    before any is changed: a CPU or build without the kernel keeps the plain model)."""
+    x = torch.randn(2, layer.in_features, dtype=layer.weight.dtype)
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), batch_hint)
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    except RuntimeError as exc:
+        log.warning("linear layers not prepacked: oneDNN failed on %s (%s)", layer, exc)
+        return False
+    tolerance = 1e-3 if layer.weight.dtype == torch.float32 else 5e-2
+    if not torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance):
+        log.warning("linear layers not prepacked: oneDNN's result differs from F.linear's")
+        return False
+    return True
