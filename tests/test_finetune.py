@@ -487,7 +487,7 @@ def test_zero3_loads_partitioned_and_streams_the_same_weights(
             name="z3load",
             storage_path=str(tmp_path / "ray"),
             # What the trainer gives its workers (DS_ACCELERATOR, threads, the allocator).
-            worker_runtime_env={"env_vars": worker_env(profile("cpu"), "deepspeed", 1)},
+            worker_runtime_env={"env_vars": worker_env(profile("cpu"), "deepspeed", 1, zero3=True)},
         ),
     ).fit()
     stats = [json.loads((tmp_path / "stats" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -112,6 +112,16 @@ def test_worker_env_pins_threads_and_deepspeed_accelerator() -> None:
     assert "DS_ACCELERATOR" not in hardware.worker_env(profile("cpu", False), "ddp", threads=1)
 
 
+def test_worker_env_fixes_the_mmap_threshold_for_zero3_only() -> None:
+    # A fixed 1 MiB threshold keeps ZeRO-3's gathered buffers out of the heap, and makes every
+    # other strategy fault in its large activations afresh each step.
+    cpu = profile("cpu", False)
+    assert "MALLOC_MMAP_THRESHOLD_" not in hardware.worker_env(cpu, "ddp", threads=1)
+    assert "MALLOC_MMAP_THRESHOLD_" not in hardware.worker_env(cpu, "deepspeed", threads=1)
+    zero3 = hardware.worker_env(cpu, "deepspeed", threads=1, zero3=True)
+    assert zero3["MALLOC_MMAP_THRESHOLD_"] == str(hardware.MMAP_THRESHOLD_BYTES)
+
+
 def test_qlora_on_cpu_is_refused_clearly() -> None:
     with pytest.raises(RuntimeError, match=r"qlora needs compute\.accelerator nvidia-gpu"):
         hardware.check_method(profile("cpu", False), "qlora")

@@ -26,7 +26,7 @@ IPEX_HELP = (
 MMAP_THRESHOLD_BYTES = 1 << 20  # allocations above it are mmapped, returned to the OS on free
 
 
-def worker_env(hw: Profile, strategy: str, threads: int) -> dict[str, str]:
+def worker_env(hw: Profile, strategy: str, threads: int, *, zero3: bool = False) -> dict[str, str]:
     """Environment for every worker process, set before torch / deepspeed import.
 
     Oversubscribed threads made one measured run 11x slower: pin OMP to the worker's cores.
@@ -36,12 +36,17 @@ def worker_env(hw: Profile, strategy: str, threads: int) -> dict[str, str]:
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    if zero3:
         # glibc's malloc raises its mmap threshold after each large free (up to 32 MiB), so
         # the buffers ZeRO-3 gathers and frees module by module land in the heap and stay
         # there: measured, a ZeRO-3 rank kept 250 MB after loading a 194 MB model whose
         # shard is 97 MB, 117 MB with a fixed 1 MiB threshold (tests/test_finetune.py).
-        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
-    }
+        # ZeRO-3 only: every activation over 1 MiB is then mmapped afresh each step and its
+        # pages faulted in and zeroed again. Measured: a plain loop 12% slower (4.7x the page
+        # faults); DDP, 2 workers on 2 cores, 592 tokens/s with it, 848 without
+        # (BENCHMARKS.md, "Training throughput").
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
     if strategy == "deepspeed":
         env["DS_ACCELERATOR"] = hw.ds_accelerator
     env.update(hw.ccl_env)

@@ -39,6 +39,13 @@ from llmray_trainer.modeling import (
 
 log = logging.getLogger("llmray.trainer")
 
+# DDP's 25 MB buckets are sized for GPUs, where each bucket's all-reduce overlaps with the
+# rest of the backward pass. On CPU workers whose cores are all busy computing, gloo's thread
+# only takes time from them: fewer, larger all-reduces cost less (measured, 2 gloo ranks on 2
+# cores, 14.6M fp32 gradients: 31 ms in one all-reduce, 48 ms in four). Gradients as views of
+# the buckets save copying every gradient into its bucket and back.
+DDP_KWARGS = {"bucket_cap_mb": 100, "gradient_as_bucket_view": True}
+
 
 def train_func(config: dict[str, Any]) -> dict[str, int] | None:
     """Returns {"preempted": step} when told to stop (preemption.py): the driver runs it again,
@@ -131,7 +138,9 @@ def train_func(config: dict[str, Any]) -> dict[str, int] | None:
     else:
         if hp.torchCompile:
             model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        model = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs=DDP_KWARGS
+        )
 
     resumed = restore(model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
     state = resumed[0] if resumed else TrainState()
