@@ -40,11 +40,12 @@ from llmray_trainer.modeling import (
 log = logging.getLogger("llmray.trainer")
 
 # DDP's 25 MB buckets are sized for GPUs, where each bucket's all-reduce overlaps with the
-# rest of the backward pass. On CPU workers whose cores are all busy computing, gloo's thread
-# only takes time from them: fewer, larger all-reduces cost less (measured, 2 gloo ranks on 2
-# cores, 14.6M fp32 gradients: 31 ms in one all-reduce, 48 ms in four). Gradients as views of
-# the buckets save copying every gradient into its bucket and back.
-DDP_KWARGS = {"bucket_cap_mb": 100, "gradient_as_bucket_view": True}
+# rest of the backward pass: kept there. On CPU workers whose cores are all busy computing,
+# gloo's thread only takes time from them: fewer, larger all-reduces cost less (measured, 2
+# gloo ranks on 2 cores, 14.6M fp32 gradients: 31 ms in one all-reduce, 48 ms in four).
+# Gradients as views of the buckets save copying every gradient into its bucket and back.
+DDP_KWARGS = {"gradient_as_bucket_view": True}
+DDP_CPU_KWARGS = {**DDP_KWARGS, "bucket_cap_mb": 100}
 
 
 def train_func(config: dict[str, Any]) -> dict[str, int] | None:
@@ -139,7 +140,9 @@ def train_func(config: dict[str, Any]) -> dict[str, int] | None:
         if hp.torchCompile:
             model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
         model = ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs=DDP_KWARGS
+            model,
+            move_to_device=False,
+            parallel_strategy_kwargs=DDP_CPU_KWARGS if device.type == "cpu" else DDP_KWARGS,
         )
 
     resumed = restore(model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
