@@ -71,10 +71,20 @@ def haproxy_available() -> bool:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port free now and never handed out before by this process: ports are chosen
+    before the processes that bind them start, and the kernel may offer a port it just offered
+    again (a test run once had HAProxy's metrics listener given the dashboard's port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def per_cluster_env() -> dict[str, str]:
@@ -92,7 +102,7 @@ def per_cluster_env() -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
     ):
-        env[name] = str(_free_port())
+        env[name] = str(free_port())
     return {k: v for k, v in env.items() if k not in os.environ}  # the user's own win
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 import httpx
 import psutil
 
-from llmray.localray import LOOPBACK
+from llmray.localray import LOOPBACK, free_port
 from tests.kuberay_replay.pods import (
     MissingReference,
     Pod,
@@ -75,12 +74,6 @@ SERVE_PORT_ENV = (
 OBJECT_STORE_SHARE = 0.3  # Ray's DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
 OBJECT_STORE_MIN = 80 * 2**20  # above Ray's 75 MiB floor
 OBJECT_STORE_NO_LIMIT = 256 * 2**20  # a pod without a memory limit: keep this machine's RAM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
