@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmray.api.finetunejob import DEFAULT_ZERO_STAGE, FineTuneJobSpec, ZeroTuning
+from llmray.api.finetunejob import FineTuneJobSpec, ZeroTuning
 from llmray.api.quantity import parse_quantity
 from llmray.model_shape import ModelShape
 
@@ -213,8 +213,7 @@ def plan(spec: FineTuneJobSpec, shape: ModelShape) -> Plan:
     on_cpu = hw.device_type == "cpu"
     world = spec.compute.workers
     strategy = spec.strategy
-    deepspeed = strategy.type == "deepspeed"
-    stage = (strategy.zeroStage or DEFAULT_ZERO_STAGE) if deepspeed else 0
+    stage = strategy.zero_stage()
     P, T = shape.parameters, trainable_parameters(spec, shape)
     w: float = WEIGHT_BYTES[weights_precision(spec)]
     if spec.method == "qlora":
@@ -329,7 +328,7 @@ def checkpoint_rank_bytes(spec: FineTuneJobSpec, shape: ModelShape) -> int:
     states = (4 + ADAM_BYTES) * T
     if strategy.type != "deepspeed":
         return states
-    if (strategy.zeroStage or DEFAULT_ZERO_STAGE) == 3:
+    if strategy.zero_stage() == 3:
         return int((w * P + states) / world)
     return int(w * P + states / world)
 

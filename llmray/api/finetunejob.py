@@ -223,6 +223,11 @@ class Strategy(Model):
         "from the model's hidden size (deepspeed only).",
     )
 
+    def zero_stage(self) -> int:
+        """The ZeRO stage this strategy runs: 0 under ddp, zeroStage (default
+        DEFAULT_ZERO_STAGE) under deepspeed."""
+        return (self.zeroStage or DEFAULT_ZERO_STAGE) if self.type == "deepspeed" else 0
+
 
 class Rank0(Model):
     """Placement of world rank 0, which writes the final model (one gathered shard at a time)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmray.api.finetunejob import DEFAULT_ZERO_STAGE, FineTuneJobSpec
+from llmray.api.finetunejob import FineTuneJobSpec
 from llmray.sizing import zero_tuning
 
 
@@ -25,7 +25,7 @@ def render_deepspeed_config(
     spec: FineTuneJobSpec, world_size: int, hidden_size: int
 ) -> dict[str, Any]:
     hp = spec.hyperparameters
-    stage = spec.strategy.zeroStage or DEFAULT_ZERO_STAGE
+    stage = spec.strategy.zero_stage()
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": False,

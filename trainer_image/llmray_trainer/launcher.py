@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from llmray import uris
-from llmray.api.finetunejob import DEFAULT_ZERO_STAGE
 from llmray.hardware import profile
 from llmray.localray import ensure_ray
 from llmray.paths import pod_path
@@ -130,9 +129,7 @@ def run(cfg: TrainerConfig) -> RunResult:
     # A rank-0 node that is not there would make Ray Train wait forever: fail now instead.
     placement.wait_for_rank0_node(cfg.rank0_label, resources)
 
-    zero3 = spec.strategy.type == "deepspeed" and (
-        (spec.strategy.zeroStage or DEFAULT_ZERO_STAGE) == 3
-    )
+    zero3 = spec.strategy.zero_stage() == 3
     worker_env = hardware.worker_env(hw, spec.strategy.type, threads, zero3=zero3)
     worker_env.update(spec_env(cfg))
     sink = ProgressSink.remote()
