@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from llmray.localray import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"Tell me a short fact about the number {i}." for i in range(64)]
 
@@ -57,12 +59,6 @@ def command_line(script: str) -> str:
     """The command that ran this benchmark, as BENCHMARKS.md quotes it."""
     args = " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]])
     return f"`{args}`"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def naive_server(model_dir: Path, port: int) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -39,6 +38,7 @@ import pytest
 import yaml
 
 from llmray.api import load_resource
+from llmray.localray import free_port
 from llmray.progress import parse_line
 from llmray_operator import rayjob, rayservice
 from llmray_operator.owner import Owner
@@ -68,12 +68,6 @@ def _settings(**overrides: Any) -> Settings:
         "server_images": Images(cpu=IMAGES["server"], nvidia="x", intel="x", xpu="x"),
     }
     return Settings(**images, image_pull_policy="Never", **overrides)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Container:
@@ -289,7 +283,7 @@ def test_server_image_serves_the_rayservice_config_to_the_openai_client(tmp_path
         # KubeRay with authOptions off: no Ray token (Ray 2.60 would otherwise make one).
         extra_env={"RAY_AUTH_MODE": "disabled"},
     )
-    dashboard, serve = _free_port(), _free_port()
+    dashboard, serve = free_port(), free_port()
     publish = ["-p", f"127.0.0.1:{dashboard}:8265", "-p", f"127.0.0.1:{serve}:8000"]
     head = Container("server")
     try:
@@ -361,7 +355,7 @@ async def test_operator_image_serves_healthz_and_reconciles(tmp_path: Path) -> N
     pod = _chart_deployment(tmp_path)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    health, metrics = _free_port(), _free_port()
+    health, metrics = free_port(), free_port()
     async with emulated_cluster(tmp_path, CRDS) as (kube, kubeconfig):
         (tmp_path / "kube").mkdir()
         shutil.copy(kubeconfig, tmp_path / "kube" / "config")

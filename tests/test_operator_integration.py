@@ -15,6 +15,7 @@ import time
 import pytest
 from kopf.testing import KopfRunner
 
+from llmray.localray import free_port
 from llmray.progress import format_line
 from tests.kube.emulator import emulated_cluster
 from tests.kube.operator_crds import CONFIGMAPS, CRDS, EVENTS, FTJ, LLMD, RAYJOBS, RAYSERVICES
@@ -503,14 +504,6 @@ async def test_deleting_the_finetunejob_deletes_its_children(cluster):
         )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_llmray_operator_process_serves_health_and_metrics_and_keeps_to_its_namespace(
     cluster, tmp_path
 ):
@@ -522,7 +515,7 @@ async def test_llmray_operator_process_serves_health_and_metrics_and_keeps_to_it
     import httpx
 
     kube = cluster
-    metrics, health = _free_port(), _free_port()
+    metrics, health = free_port(), free_port()
     log = (tmp_path / "operator.log").open("w")
     proc = subprocess.Popen(
         [
