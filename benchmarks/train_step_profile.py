@@ -1,8 +1,8 @@
 """Where one training step's time goes: DDP vs DeepSpeed ZeRO on 2 CPU ranks, phase by phase.
 
 The model, data and batch of `benchmarks/train_throughput.py` (random-init Llama, global batch
-16, 128 tokens), two gloo ranks with one thread each, without Ray (the step is the same code
-`llmray_trainer.loop` runs: DDP with its kwargs, DeepSpeed with the rendered config). Rank 0
+16, 128 tokens), two gloo ranks with one thread each, without Ray, with what
+`llmray_trainer.loop` uses: DDP with its kwargs, DeepSpeed with the rendered config. Rank 0
 times forward, backward and step of every step after warm-up, and optionally runs cProfile
 over them.
 
@@ -28,14 +28,15 @@ sys.path[:0] = [str(REPO), str(REPO / "trainer_image")]
 from benchmarks.train_throughput import DATA, SEQ, WARMUP_STEPS, make_model  # noqa: E402
 
 
-def parse_value(text: str) -> object:
-    return json.loads(text) if text not in ("true", "false") else text == "true"
-
-
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, model_dir: Path) -> None:
     os.environ.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1"})
     os.environ.update(
-        {"MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        {
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+        }
     )
     import torch
     import torch.distributed as dist
@@ -62,7 +63,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, model_dir
         ds_config = deepspeed_config(int(args.run[-1]), world, per, model.config.hidden_size)
         for item in args.set:
             key, value = item.split("=", 1)
-            ds_config["zero_optimization"][key] = parse_value(value)
+            ds_config["zero_optimization"][key] = json.loads(value)
         engine, opt, _, _ = deepspeed.initialize(
             model=model, optimizer=opt, config=ds_config, dist_init_required=False
         )
@@ -157,10 +158,11 @@ def main() -> int:
 
     from llmray.localray import free_port
 
-    model_dir = make_model(Path(tempfile.mkdtemp(prefix="llmray-prof-")), args.hidden, args.layers)
-    for run in args.runs.split(","):
-        args.run = run
-        mp.spawn(worker, args=(2, free_port(), args, model_dir), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory(prefix="llmray-prof-") as tmp:
+        model_dir = make_model(Path(tmp), args.hidden, args.layers)
+        for run in args.runs.split(","):
+            args.run = run
+            mp.spawn(worker, args=(2, free_port(), args, model_dir), nprocs=2, join=True)
     return 0
 
 
