@@ -45,6 +45,41 @@ async def test_concurrent_requests_share_forward_passes(engine) -> None:
     assert engine.forward_passes - passes <= tokens / 3
 
 
+def _greedy_without_cache(engine, prompt: str, max_tokens: int) -> str:
+    """The greedy answer by the model itself, every token from the whole sequence: no KV
+    cache, nothing shared."""
+    import torch
+
+    ids = engine.prompt_ids(prompt)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = engine.model(torch.tensor([ids + new])).logits[0, -1]
+            token = int(logits.argmax())
+            if token in engine.eos_ids:
+                break
+            new.append(token)
+    return engine.tokenizer.decode(new, skip_special_tokens=True)
+
+
+async def test_requests_starting_with_the_same_long_prompt_run_it_once(engine) -> None:
+    # A system prompt (or a tools section) several KV cache blocks long, then a question.
+    system = "You answer questions about rivers, seas and the weather. " * 12
+    prompts = [f"{system}Question {i}: where does the river go?" for i in range(6)]
+    lengths = [engine.count_tokens(p) for p in prompts]
+    assert min(lengths) > 4 * 32  # several blocks
+    await collect(engine.generate(prompts[0], GREEDY))  # its blocks are cached now
+    tokens = engine.forward_tokens
+    results = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in prompts[1:]))
+    ran = engine.forward_tokens - tokens
+    generated = sum(r.usage.completion_tokens for r in results)
+    # Each prompt ran only past the blocks it shares with the first: far less than whole.
+    assert ran - generated < sum(lengths[1:]) / 3
+    # And the answers are those of the model run without any cache.
+    for prompt, result in zip(prompts[1:], results, strict=True):
+        assert result.text == _greedy_without_cache(engine, prompt, GREEDY.max_tokens)
+
+
 async def test_a_late_request_joins_the_running_batch(engine) -> None:
     long = SamplingParams(max_tokens=40, temperature=1.0, top_p=1.0)
     first = engine.generate("Once upon a time", long)

@@ -55,7 +55,11 @@ from llmray_serve.prompts import TokenizerPrompts, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-PAGE_TOKENS = 256  # tokens per KV cache block (transformers' default page size)
+# Tokens per KV cache block. A request reuses the blocks of an earlier prompt it starts with,
+# whole blocks only: at transformers' default 256, a 475-token tools prompt shared 256 tokens
+# and each request prefilled the other 219 again; at 32 it prefills under 32. Decode is no
+# slower (BENCHMARKS.md, "Constrained decoding").
+PAGE_TOKENS = 32
 # A generation step (one forward pass of at most 1024 tokens) that runs longer than this is
 # stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
 STUCK_AFTER_S = 120.0
@@ -98,9 +102,10 @@ class TransformersEngine(TokenizerPrompts):
         self.max_batch, self.max_ongoing = max_batch, max_ongoing
         self._ongoing = 0
         self._ids = itertools.count()
-        # Forward passes so far: with batching, far fewer than the tokens generated.
-        self.forward_passes = 0
-        model.register_forward_hook(self._count_forward)
+        # Forward passes so far: with batching, far fewer than the tokens generated; and the
+        # tokens they ran: a prompt whose start is cached runs only the rest.
+        self.forward_passes = self.forward_tokens = 0
+        model.register_forward_hook(self._count_forward, with_kwargs=True)
         self.lora = MixedLoRA(model) if adapters else None
         # Work for the generation thread between two steps (loading adapters): (fn, future).
         self._between: collections.deque[tuple[Callable[[], None], Any]] = collections.deque()
@@ -373,8 +378,11 @@ class TransformersEngine(TokenizerPrompts):
                 return
         raise RuntimeError("the generation loop did not answer its warm-up request")
 
-    def _count_forward(self, *_: Any) -> None:
+    def _count_forward(self, _model: Any, args: tuple, kwargs: dict, _out: Any) -> None:
         self.forward_passes += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:  # transformers packs a step's tokens into one row
+            self.forward_tokens += ids.numel()
 
 
 class _Text:
