@@ -49,7 +49,10 @@ def _start_local(num_cpus: int | None) -> None:
     # ports that still listen on every address. The dashboard stays on loopback; Ray Train's
     # placement-group cleaner needs its state API (without it, it warns every few seconds)
     # and users get a local view of the run.
+    # address="local": a new Ray always. Without it ray.init joins the Ray that `ray start`
+    # last recorded in /tmp/ray/ray_current_cluster, even one long gone (and refuses num_cpus).
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         _node_ip_address=LOOPBACK,
         include_dashboard=True,
