@@ -43,6 +43,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmray_trainer.data import collate, count_tokens, load_records, tokenize_records
+    from llmray_trainer.optim import make_optimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -50,7 +51,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, model_dir
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = tokenize_records(load_records(DATA, "instruction"), tok, "instruction", SEQ, False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), lr=1e-3)
     per = args.batch // world
     engine = None
     if args.run == "ddp":

@@ -109,6 +109,7 @@ def run_plain(model_dir: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmray_trainer.data import collate, count_tokens, load_records, tokenize_records
+    from llmray_trainer.optim import make_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
@@ -116,7 +117,7 @@ def run_plain(model_dir: Path, args) -> dict:
     records = load_records(DATA, "instruction")
     examples = tokenize_records(records, tok, "instruction", SEQ, False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), lr=1e-3)  # llmray's, so the comparison is fair
     model.train()
     rates = []
     for step in range(args.steps):

@@ -224,28 +224,33 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path, tiny_model
     assert_model_generates(result.model_uri)
 
 
-def test_rerun_same_name_resumes(ray_session, tmp_path, tiny_model, small_data):
-    first = finetune(
-        write_job(
-            tmp_path,
-            "rerun",
-            tiny_model,
-            small_data,
-            hyperparameters={"maxSteps": 4},
-            checkpointing={"everySteps": 2},
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param({"type": "ddp"}, id="ddp"),
+        # DeepSpeed's engine checkpoint with the (fused) client AdamW's partitioned state.
+        pytest.param({"type": "deepspeed", "zeroStage": 2}, id="zero2"),
+    ],
+)
+def test_rerun_same_name_resumes(ray_session, tmp_path, tiny_model, small_data, strategy):
+    name = f"rerun-{strategy['type']}{strategy.get('zeroStage', '')}"
+
+    def run(steps: int):
+        return finetune(
+            write_job(
+                tmp_path,
+                name,
+                tiny_model,
+                small_data,
+                strategy=strategy,
+                hyperparameters={"maxSteps": steps},
+                checkpointing={"everySteps": 2},
+            )
         )
-    )
+
+    first = run(4)
     assert [r["step"] for r in first.steps] == [1, 2, 3, 4]
-    second = finetune(
-        write_job(
-            tmp_path,
-            "rerun",
-            tiny_model,
-            small_data,
-            hyperparameters={"maxSteps": 8},
-            checkpointing={"everySteps": 2},
-        )
-    )
+    second = run(8)
     assert [r["step"] for r in second.records if r["event"] == "resumed"] == [4]
     assert [r["step"] for r in second.steps] == [5, 6, 7, 8]
 

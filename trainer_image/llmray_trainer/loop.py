@@ -36,6 +36,7 @@ from llmray_trainer.modeling import (
     resolve_base_model,
     weights_dtype,
 )
+from llmray_trainer.optim import make_optimizer
 
 log = logging.getLogger("llmray.trainer")
 
@@ -114,7 +115,9 @@ def train_func(config: dict[str, Any]) -> dict[str, int] | None:
 
     # --- optimizer, schedule, strategy ---
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learningRate, weight_decay=hp.weightDecay)
+    optimizer = make_optimizer(
+        params, lr=hp.learningRate, weight_decay=hp.weightDecay, ipex=hw.ipex
+    )
     if hw.ipex:
         # IPEX returns new model / optimizer objects: everything after refers to those.
         model, optimizer = hardware.ipex_optimize(
