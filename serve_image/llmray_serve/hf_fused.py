@@ -35,7 +35,8 @@ ATTENTION: dict[str, Callable[[Any], dict[str, Any]]] = {
     "MistralAttention": lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
 }
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # down(act(gate(x)) * up(x))
-LLAMA_FAMILY = (*ATTENTION, *MLP)
+# weight * (x / sqrt(mean(x^2) + eps)), computed in float32.
+RMS_NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
 def fuse_projections(model: torch.nn.Module) -> int:
@@ -79,9 +80,7 @@ def _concatenated(module: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.L
         delattr(module, n)
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
-    fused = torch.nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device="meta"
-    )
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = torch.nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         fused.bias = torch.nn.Parameter(bias, requires_grad=False)
@@ -122,9 +121,7 @@ def _attention_forward(
     query_states, key_states = modeling.apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
     if past_key_values is not None:
-        key_states, value_states = past_key_values.update(
-            key_states, value_states, self.layer_idx
-        )
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
     attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward
@@ -147,3 +144,20 @@ def _attention_forward(
 def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_up_proj(x).split(self.gate_up_proj.split_sizes, dim=-1)
     return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Each known float32 RMSNorm as torch's one rms_norm op instead of its 6 (the same
+    arithmetic; in bf16 the original rounds before the weight's product, so those stay)."""
+    fused = 0
+    for module in model.modules():
+        if type(module).__name__ in RMS_NORM and module.weight.dtype == torch.float32:
+            module.__class__ = _subclass(type(module), _rms_norm_forward)
+            fused += 1
+    return fused
+
+
+def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(
+        hidden_states, self.weight.shape, self.weight, self.variance_epsilon
+    )
