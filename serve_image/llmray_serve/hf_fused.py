@@ -35,8 +35,6 @@ ATTENTION: dict[str, Callable[[Any], dict[str, Any]]] = {
     "MistralAttention": lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
 }
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # down(act(gate(x)) * up(x))
-# weight * (x / sqrt(mean(x^2) + eps)), computed in float32.
-RMS_NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
 def fuse_projections(model: torch.nn.Module) -> int:
@@ -144,20 +142,3 @@ def _attention_forward(
 def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_up_proj(x).split(self.gate_up_proj.split_sizes, dim=-1)
     return self.down_proj(self.act_fn(gate) * up)
-
-
-def fuse_rms_norms(model: torch.nn.Module) -> int:
-    """Each known float32 RMSNorm as torch's one rms_norm op instead of its 6 (the same
-    arithmetic; in bf16 the original rounds before the weight's product, so those stay)."""
-    fused = 0
-    for module in model.modules():
-        if type(module).__name__ in RMS_NORM and module.weight.dtype == torch.float32:
-            module.__class__ = _subclass(type(module), _rms_norm_forward)
-            fused += 1
-    return fused
-
-
-def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.rms_norm(
-        hidden_states, self.weight.shape, self.weight, self.variance_epsilon
-    )
