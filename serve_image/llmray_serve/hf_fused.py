@@ -9,7 +9,7 @@ weight streams better (BENCHMARKS.md "A decode step's matrix products").
 Applied before pack_linears (hf_packed.py), so the fused layers are prepacked like any other;
 the fused layer replaces the separate ones (each weight is held once). Not with LoRA
 adapters: peft wraps the per-projection layers by name (q_proj, v_proj, ...), which are gone
-here. Only the attention and MLP classes whose forward is known (LLAMA_FAMILY) are fused;
+here. Only the attention and MLP classes whose forward is known (ATTENTION, MLP) are fused;
 another model keeps its layers. Results equal the separate products' up to floating-point
 summation order.
 
