@@ -29,6 +29,8 @@ def engine(tiny_model):
 async def test_a_batch_mixes_adapters_and_base_and_unloading_leaves_the_base(
     engine, tiny_model, tmp_path
 ) -> None:
+    # peft wraps the separate projections: an engine with adapters keeps them (hf_fused.py).
+    assert hasattr(engine.model.model.layers[0].self_attn, "q_proj")
     prompt = "Once upon a time"
     base = (await collect(engine.generate(prompt, GREEDY))).text
     one, _ = make_adapter(tiny_model, tmp_path / "one", seed=3)

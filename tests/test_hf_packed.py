@@ -1,6 +1,6 @@
-"""Prepacked oneDNN linears (hf_packed.py) and releasing a thread's OpenMP pool (omp_pools.py):
-the same predictions as the plain model, each weight held once, the engine's greedy answer
-unchanged."""
+"""Prepacked oneDNN linears (hf_packed.py), fused q/k/v and gate/up projections (hf_fused.py)
+and releasing a thread's OpenMP pool (omp_pools.py): the same predictions as the plain model,
+each weight held once, the engine's greedy answer unchanged."""
 
 from __future__ import annotations
 
@@ -73,6 +73,42 @@ def test_a_tied_weight_stays_dense_for_the_module_sharing_it() -> None:
         assert torch.allclose(expected, model(ids).logits, atol=1e-4)
 
 
+def test_a_fused_model_predicts_what_the_plain_one_does_with_four_products_a_layer(
+    tiny_model,
+) -> None:
+    import torch
+
+    from llmray_serve.hf_model import load_model
+    from llmray_serve.prompts import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer(tiny_model)(TEXT)["input_ids"]])
+    plain, _ = load_model(tiny_model, dtype="float32")
+    fused, _ = load_model(tiny_model, dtype="float32", packed_batch=4, fuse=True)
+    layer = fused.model.layers[0]
+    assert type(layer.self_attn).__name__ == "FusedLlamaAttention"
+    assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
+    assert len(linears(layer)) == 4  # qkv, o, gate_up, down
+    config = plain.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    q_k_v = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    assert layer.self_attn.qkv_proj.out_features == q_k_v
+    assert layer.mlp.gate_up_proj.out_features == 2 * config.intermediate_size
+    with torch.inference_mode():
+        expected, got = plain(ids).logits, fused(ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        greedy = {"max_new_tokens": 16, "do_sample": False}
+        assert torch.equal(plain.generate(ids, **greedy), fused.generate(ids, **greedy))
+
+
+def test_a_model_outside_the_llama_family_keeps_its_projections() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmray_serve.hf_fused import fuse_projections
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    assert fuse_projections(model) == 0
+
+
 async def test_the_engine_answers_greedily_as_the_plain_model_does(tiny_model) -> None:
     import torch
 
@@ -82,6 +118,7 @@ async def test_the_engine_answers_greedily_as_the_plain_model_does(tiny_model) -
     engine = TransformersEngine(tiny_model, dtype="float32", max_batch=4, max_ongoing=4)
     try:
         assert type(engine.model.lm_head).__name__ == "PackedLinear"
+        assert hasattr(engine.model.model.layers[0].self_attn, "qkv_proj")  # fused
         result = await collect(engine.generate(TEXT, SamplingParams(12, 0.0, 1.0)))
     finally:
         engine.close()

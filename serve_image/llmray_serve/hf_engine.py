@@ -96,6 +96,7 @@ class TransformersEngine(TokenizerPrompts):
             quantization=quantization,
             ipex=ipex,
             packed_batch=max_batch,
+            fuse=not adapters,
         )
         self.model, self.device = model, device
         self.eos_ids = _eos_ids(model, self.tokenizer)

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmray import precision as precisions
-from llmray_serve import hf_packed
+from llmray_serve import hf_fused, hf_packed
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,13 @@ def load_model(
     quantization: str = precisions.QUANTIZATION_DEFAULT,
     ipex: bool = False,
     packed_batch: int = 0,
+    fuse: bool = False,
 ) -> tuple[Any, Precision]:
     """The model on `device`, in eval mode, and the precision it runs in. With
     `packed_batch` (the decode batch), a CPU model's linear layers run on oneDNN-prepacked
-    weights (hf_packed.py): the model is then for inference only."""
+    weights (hf_packed.py), and with `fuse` too, a Llama-family layer's q/k/v and gate/up
+    projections run as one product each (hf_fused.py; not with LoRA adapters, which wrap the
+    separate projections): the model is then for inference only."""
     resolved = resolve(device, dtype, quantization)
     torch_dtype = getattr(torch, resolved.dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -93,6 +96,8 @@ def load_model(
     if quantization == "int8":
         quantize_int8(model)
     elif packed_batch and device == "cpu" and not ipex:
+        if fuse and hf_packed.available(torch_dtype):
+            hf_fused.fuse_projections(model)
         hf_packed.pack_linears(model, packed_batch)
     if ipex:
         try:
