@@ -94,7 +94,11 @@ def _start_local(num_cpus: int | None) -> None:
     # ports that still listen on every address. The dashboard stays on loopback; Ray Train's
     # placement-group cleaner needs its state API (without it, it warns every few seconds)
     # and users get a local view of the run.
+    # address="local": a new Ray, always. Without an address Ray joins the last `ray start`
+    # of the machine (its address file, /tmp/ray/ray_current_cluster), which may be another
+    # LLMRAY_HOME's head, or a stopped one (then ray.init fails).
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         _node_ip_address=LOOPBACK,
         include_dashboard=True,
@@ -261,7 +265,19 @@ def stop_head() -> dict | None:
         return None
     stop_processes(head.get("marker", ""))
     head_file().unlink(missing_ok=True)
+    _forget_current_cluster(head["address"])
     return head
+
+
+def _forget_current_cluster(address: str) -> None:
+    """Remove Ray's record of the last `ray start` when it is this head (as `ray stop` does):
+    a plain `ray.init()` on this machine would try to join it."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == address:
+            path.unlink()
 
 
 def stop_processes(marker: str) -> None:
