@@ -7,6 +7,8 @@ $LLMRAY_HOME (default ~/.llmray)
   jobs/<job>/status.json FineTuneJob status of the last local run (fineTuneJobRef reads it)
   jobs/<job>/progress.jsonl
   cache/                 converted GGUF models, downloads
+  ray.json               the Ray head `llmray up` keeps running (address, dashboard), which
+                         local commands join; removed by `llmray down` (see localray.py)
 
 Pods have fixed paths instead (the operator mounts them): /etc/llmray (the trainer config),
 /tmp/llmray (downloads), /mnt/llmray/pvc/CLAIM. `pod_path` is how the trainer and the server

@@ -122,6 +122,40 @@ def listeners(port: int) -> list[tuple[int, str]]:
     return owners
 
 
+def with_environ(name: str, value: str) -> list[int]:
+    """The processes whose environment holds NAME=VALUE, this one excepted (those of this
+    user, or all as root): what a process started with it and every descendant inherited."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if wanted in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def terminate(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what still runs after `grace_s` (measured: a head's raylet takes
+    ~10 s to go on SIGTERM, its GCS and autoscaler monitor never do; zombies count as gone)."""
+    import time
+
+    started = {pid: start_time(pid) for pid in pids}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (alive := [p for p in pids if is_running(p, started[p])]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _link(path: Path) -> str | None:
     try:
         return os.readlink(path)

@@ -14,7 +14,9 @@ from llmray_cli.errors import UserError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="run a FineTuneJob on an embedded local Ray")
+    p = sub.add_parser(
+        "finetune", help="run a FineTuneJob on the local Ray (`llmray up`'s, or embedded)"
+    )
     p.add_argument("file", help="FineTuneJob YAML (paths in it are relative to its folder)")
     p.set_defaults(func=finetune)
 

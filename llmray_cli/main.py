@@ -2,7 +2,9 @@
 
     llmray validate FILE.yaml           check a FineTuneJob / LLMDeployment, every error at once
     llmray plan FILE.yaml [-o json]     a FineTuneJob's memory per worker and rank 0; fits?
-    llmray finetune FILE.yaml           fine-tune on an embedded local Ray
+    llmray up [--num-cpus N]            keep a local Ray running that later commands join
+    llmray down                         stop it
+    llmray finetune FILE.yaml           fine-tune on the local Ray (`llmray up`'s, or embedded)
     llmray serve FILE.yaml [--port N]   serve it with an OpenAI-compatible API (Ray Serve)
     llmray batch FILE.yaml --input URI --output URI   generate for every record (Ray Data)
     llmray init-model DIR [--from tiny|smollm2]
@@ -23,11 +25,11 @@ import sys
 
 from llmray.api import SpecError
 from llmray.uris import UriError
-from llmray_cli import batch, cluster, local, render, resources
+from llmray_cli import batch, cluster, local, localray_cmds, render, resources
 from llmray_cli.errors import UserError
 
 # In `llmray --help` order.
-GROUPS = (resources, local, batch, cluster, render)
+GROUPS = (resources, local, localray_cmds, batch, cluster, render)
 # Exit status 2, `error: ...`, no traceback.
 USER_ERRORS = (UserError, SpecError, UriError, FileNotFoundError)
 
