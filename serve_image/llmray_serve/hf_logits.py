@@ -192,12 +192,15 @@ def exact_greedy_and_cheap_top_p(manager: Any) -> None:
 class _GreedyAtZero(_Temperature):
     """Temperature per row; a row at temperature 0 keeps only its argmax (sampling it is exact)."""
 
+    all_greedy = False  # every row of the last batch was at temperature 0 (hook_sampler reads it)
+
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         temps = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
         greedy = (temps <= 0).unsqueeze(-1)
         best = scores.argmax(dim=-1, keepdim=True)
         onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-        if bool(greedy.all()):  # the common all-greedy batch: no scaling at all
+        self.all_greedy = bool(greedy.all())
+        if self.all_greedy:  # the common all-greedy batch: no scaling at all
             return onehot
         return torch.where(greedy, onehot, scores / temps.clamp(min=1e-5).unsqueeze(-1))
 
@@ -224,14 +227,24 @@ def install(manager: Any, vocab_size: int) -> PerRequestLogits:
 
 def hook_sampler(batch_processor: Any, ours: PerRequestLogits) -> None:
     """Tell `ours` each step's sampled tokens (transformers' ModelRunner._sample writes them
-    into output_ids[0, :rows])."""
+    into output_ids[0, :rows]); a step whose rows are all greedy takes the argmax itself."""
     runner = batch_processor.model_runner
     if getattr(runner, "_llmray_hooked", False):
         return
     sample = runner._sample  # a transformers upgrade that renames it fails here
+    (greedy,) = [
+        p for p in batch_processor.logit_processor.logits_processor if type(p) is _GreedyAtZero
+    ]
 
     def _sample(scores: torch.Tensor, output_ids: torch.Tensor) -> None:
-        sample(scores, output_ids)
+        # transformers samples every step (do_sample is on for the per-request temperatures):
+        # a softmax and a multinomial over the whole vocabulary, ~2 ms of a SmolLM2 decode
+        # step, to draw the one token a greedy row left. Its argmax is that token.
+        if greedy.all_greedy and not runner.return_logprobs:
+            rows = scores.size(1)
+            output_ids[0, :rows].copy_(scores[0].argmax(dim=-1))
+        else:
+            sample(scores, output_ids)
         if any(ours.rows):
             ours.sampled(output_ids[0, : len(ours.rows)].tolist())
 
