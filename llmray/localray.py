@@ -210,6 +210,7 @@ def start_head(num_cpus: int | None = None) -> dict:
     environment an embedded start has; recorded in head_file(). Raises RuntimeError with
     Ray's output when it does not start."""
     port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    cpus = num_cpus or os.cpu_count() or 1
     # Read by Ray's processes when they start, so given to `ray start`: the Serve settings
     # (the user's own win) and the per-cluster ports. The auth mode is the one the head gets
     # (Ray 2.60's default: token), which a joining driver must use too.
@@ -224,7 +225,7 @@ def start_head(num_cpus: int | None = None) -> dict:
         "--head",
         f"--node-ip-address={LOOPBACK}",
         f"--port={port}",
-        f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+        f"--num-cpus={cpus}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
@@ -247,7 +248,7 @@ def start_head(num_cpus: int | None = None) -> dict:
         "address": f"{LOOPBACK}:{port}",
         "dashboard": f"http://127.0.0.1:{dashboard_port}",
         "marker": marker,
-        "numCpus": num_cpus or os.cpu_count() or 1,
+        "numCpus": cpus,
         "env": env,
     }
     head_file().parent.mkdir(parents=True, exist_ok=True)
@@ -260,12 +261,10 @@ def stop_head() -> dict | None:
     None when there was none. (`ray stop` would end every Ray of this user on the machine:
     an embedded one of a running `llmray serve`, or another LLMRAY_HOME's head.)"""
     head = recorded_head()
-    if head is None:
-        head_file().unlink(missing_ok=True)
-        return None
-    stop_processes(head.get("marker", ""))
-    head_file().unlink(missing_ok=True)
-    _forget_current_cluster(head["address"])
+    head_file().unlink(missing_ok=True)  # a broken record too
+    if head is not None:
+        stop_processes(head.get("marker", ""))
+        _forget_current_cluster(head["address"])
     return head
 
 

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -142,8 +143,6 @@ def with_environ(name: str, value: str) -> list[int]:
 def terminate(pids: list[int], grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL what still runs after `grace_s` (measured: a head's raylet takes
     ~10 s to go on SIGTERM, its GCS and autoscaler monitor never do; zombies count as gone)."""
-    import time
-
     started = {pid: start_time(pid) for pid in pids}
     for pid in pids:
         with contextlib.suppress(OSError):

@@ -67,6 +67,22 @@ def finetune(path: Path):
     return finetune_file(path)
 
 
+def checkpointed_run(folder: Path, name: str, model: Path, train: Path, strategy: dict, steps: int):
+    """Job `name` run to `steps`, checkpointing every 2: run again with more steps, it
+    resumes from its last checkpoint."""
+    return finetune(
+        write_job(
+            folder,
+            name,
+            model,
+            train,
+            strategy=strategy,
+            hyperparameters={"maxSteps": steps},
+            checkpointing={"everySteps": 2},
+        )
+    )
+
+
 def losses(result) -> list[float]:
     return [r["trainLoss"] for r in result.steps]
 
@@ -236,17 +252,7 @@ def test_rerun_same_name_resumes(ray_session, tmp_path, tiny_model, small_data, 
     name = f"rerun-{strategy['type']}{strategy.get('zeroStage', '')}"
 
     def run(steps: int):
-        return finetune(
-            write_job(
-                tmp_path,
-                name,
-                tiny_model,
-                small_data,
-                strategy=strategy,
-                hyperparameters={"maxSteps": steps},
-                checkpointing={"everySteps": 2},
-            )
-        )
+        return checkpointed_run(tmp_path, name, tiny_model, small_data, strategy, steps)
 
     first = run(4)
     assert [r["step"] for r in first.steps] == [1, 2, 3, 4]
@@ -510,17 +516,7 @@ def test_zero3_resumes_from_partitioned_checkpoints(ray_session, tmp_path, tiny_
     zero3 = {"type": "deepspeed", "zeroStage": 3}
 
     def run(steps: int):
-        return finetune(
-            write_job(
-                tmp_path,
-                "z3rerun",
-                tiny_model,
-                small_data,
-                strategy=zero3,
-                hyperparameters={"maxSteps": steps},
-                checkpointing={"everySteps": 2},
-            )
-        )
+        return checkpointed_run(tmp_path, "z3rerun", tiny_model, small_data, zero3, steps)
 
     first = run(4)
     # Each rank wrote its own shard of the optimizer and weights; nothing was gathered.

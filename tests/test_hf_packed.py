@@ -23,6 +23,17 @@ def linears(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
+def assert_predicts_the_same(plain, other, ids) -> None:
+    """Same logits (to summation order) and the same 16 greedy tokens."""
+    import torch
+
+    with torch.inference_mode():
+        expected, got = plain(ids).logits, other(ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        greedy = {"max_new_tokens": 16, "do_sample": False}
+        assert torch.equal(plain.generate(ids, **greedy), other.generate(ids, **greedy))
+
+
 def test_a_packed_model_predicts_what_the_plain_one_does_and_holds_each_weight_once(
     tiny_model,
 ) -> None:
@@ -38,11 +49,7 @@ def test_a_packed_model_predicts_what_the_plain_one_does_and_holds_each_weight_o
     assert all(type(m) is PackedLinear for m in linears(packed))
     # The tiny model's weights are untied: each packed copy replaced its dense weight.
     assert all(m.weight.is_mkldnn for m in linears(packed))
-    with torch.inference_mode():
-        expected, got = plain(ids).logits, packed(ids).logits
-        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
-        greedy = {"max_new_tokens": 16, "do_sample": False}
-        assert torch.equal(plain.generate(ids, **greedy), packed.generate(ids, **greedy))
+    assert_predicts_the_same(plain, packed, ids)
 
 
 def test_a_tied_weight_stays_dense_for_the_module_sharing_it() -> None:
@@ -93,11 +100,7 @@ def test_a_fused_model_predicts_what_the_plain_one_does_with_four_products_a_lay
     q_k_v = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
     assert layer.self_attn.qkv_proj.out_features == q_k_v
     assert layer.mlp.gate_up_proj.out_features == 2 * config.intermediate_size
-    with torch.inference_mode():
-        expected, got = plain(ids).logits, fused(ids).logits
-        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
-        greedy = {"max_new_tokens": 16, "do_sample": False}
-        assert torch.equal(plain.generate(ids, **greedy), fused.generate(ids, **greedy))
+    assert_predicts_the_same(plain, fused, ids)
 
 
 def test_a_model_outside_the_llama_family_keeps_its_projections() -> None:
