@@ -12,6 +12,7 @@ HAProxy ingress: the client's latency minus the replica's `openai-processing-ms`
     python benchmarks/serve_load.py --model ... --dtype float32 --peers none --levels 1,16
 
     python benchmarks/serve_load.py --model ... --dtype float32 --peers llamacpp --gguf F.gguf
+    python benchmarks/serve_load.py --model ... --dtype float32 --compile-decode --peers none
 
 `--dtype` is llmray's spec.dtype (the peers stay float32); `--peers none` runs llmray alone;
 `llamacpp` adds llama.cpp's `llama-server` (how to build it: benchmarks/llamacpp_peer.py),
@@ -237,6 +238,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", help="llmray's spec.dtype")
     parser.add_argument(
+        "--compile-decode", action="store_true", help="llmray's spec.compileDecode: true"
+    )
+    parser.add_argument(
         "--peers",
         default="naive,transformers-serve",
         help="comma-separated from naive, transformers-serve, llamacpp; or none",
@@ -276,6 +280,7 @@ def main() -> int:
             max_ongoing_requests=max(levels) * 2,
             num_cpus=0,
             dtype=args.dtype,
+            compile_decode=args.compile_decode,
         ),
         free_port(),
     )
@@ -285,6 +290,8 @@ def main() -> int:
     precision = f"{served.dtype}, quantization {served.quantization}"
     if args.dtype != "auto":
         label += f" ({precision})"
+    if args.compile_decode:
+        label += ", compileDecode"
     servers = [("llmray", llmray_url, "m")]  # (name, base URL, model name)
     notes, children = [], []
     if "naive" in peers:
@@ -370,7 +377,8 @@ def main() -> int:
             report,
             key="serve_load"
             + ("" if not args.model else "-" + Path(args.model).name)
-            + ("" if args.dtype == "auto" else f"-{args.dtype}"),
+            + ("" if args.dtype == "auto" else f"-{args.dtype}")
+            + ("-compiled" if args.compile_decode else ""),
             title=f"Serving load: {label}",
         )
     from ray import serve

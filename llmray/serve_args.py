@@ -62,6 +62,7 @@ class ServeArgs(BaseModel):
     dtype: Dtype = Field(
         default=DTYPE_DEFAULT, description="spec.dtype; auto is resolved on the replica."
     )
+    compile_decode: bool = Field(default=False, description="spec.compileDecode.")
     max_new_tokens: int = generation.MAX_NEW_TOKENS
     max_prompt_tokens: int = generation.MAX_PROMPT_TOKENS
     temperature: float = generation.TEMPERATURE
@@ -153,6 +154,7 @@ def resolve_serve_args(
         accelerator=spec.compute.accelerator,
         ipex=spec.compute.ipex,
         dtype=spec.dtype,
+        compile_decode=spec.compileDecode,
         max_new_tokens=spec.generation.maxNewTokens,
         max_prompt_tokens=spec.generation.maxPromptTokens,
         temperature=spec.generation.temperature,

@@ -23,6 +23,7 @@ SET_BY_OTHERS = {
     "RAY_CLIENT_MODE",
     "PYTORCH_NVML_BASED_CUDA_CHECK",
     "TORCHINDUCTOR_CACHE_DIR",
+    "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",  # inductor's own, set when it compiles a graph
 }
 
 

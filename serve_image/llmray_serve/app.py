@@ -184,6 +184,7 @@ def make_engine(args: ServeArgs, model_dir: Path) -> Engine:
         max_ongoing=args.max_ongoing_requests,
         max_seq_tokens=max_seq_tokens,
         adapters=args.max_loaded_adapters > 0,
+        compile_decode=args.compile_decode,
     )
 
 

@@ -63,6 +63,9 @@ PAGE_TOKENS = 32
 # A generation step (one forward pass of at most 1024 tokens) that runs longer than this is
 # stuck: seconds on a 135M model on 2 cores, far less on a GPU, minutes only if wedged.
 STUCK_AFTER_S = 120.0
+# The warm-up compiles the one-token step with compileDecode: ~1 minute for SmolLM2-135M on
+# 2 cores, more for a larger model (its weights are packed while compiling).
+COMPILE_WITHIN_S = 1800.0
 PROMPT_LOGITS_ROWS = 256  # prompt positions per lm-head call when scoring a prompt (echo)
 COMPILED_GRAMMARS = 64  # the grammars most recently used, kept compiled
 
@@ -81,13 +84,16 @@ class TransformersEngine(TokenizerPrompts):
         max_seq_tokens: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
         stuck_after_s: float = STUCK_AFTER_S,
         adapters: bool = False,
+        compile_decode: bool = False,
     ) -> None:
         """`max_batch` requests decode together; `max_seq_tokens` is a prompt plus its answer
         at most (maxPromptTokens + maxNewTokens): the KV cache holds `max_batch` of them.
         A generation step running longer than `stuck_after_s` makes the engine unhealthy.
         `dtype`: spec.dtype; `quantization`: "int8" for the experimental dynamic int8
         (hf_model.py, not a spec field); the precision it runs in is `self.precision`.
-        `adapters`: serve LoRA adapters (hf_lora.py), mixed in one batch with the base."""
+        `adapters`: serve LoRA adapters (hf_lora.py), mixed in one batch with the base.
+        `compile_decode`: spec.compileDecode (hf_compiled.py; not with adapters, whose
+        layers stay unfused); the warm-up then compiles the one-token step."""
         self.tokenizer = load_tokenizer(model_dir)
         model, self.precision = load_model(
             model_dir,
@@ -97,7 +103,12 @@ class TransformersEngine(TokenizerPrompts):
             ipex=ipex,
             packed_batch=max_batch,
             fuse=not adapters,
+            compile_decode=compile_decode and not adapters,
         )
+        if compile_decode and adapters:
+            log.warning("compileDecode: not with LoRA adapters; the decode step runs eagerly")
+        # The one-token step compiled (hf_compiled.CompiledDecode), or None.
+        self.compiled = getattr(model.forward, "compiled", None)
         self.model, self.device = model, device
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.max_batch, self.max_ongoing = max_batch, max_ongoing
@@ -374,7 +385,8 @@ class TransformersEngine(TokenizerPrompts):
         request_id = self.manager.add_request(
             [self.eos_ids[0] if self.eos_ids else 0], max_new_tokens=1, temperature=0.0, top_p=1.0
         )
-        while (out := self.manager.get_result(request_id, timeout=60)) is not None:
+        timeout = 60 if self.compiled is None else COMPILE_WITHIN_S
+        while (out := self.manager.get_result(request_id, timeout=timeout)) is not None:
             if out.is_finished():
                 return
         raise RuntimeError("the generation loop did not answer its warm-up request")

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmray import precision as precisions
-from llmray_serve import hf_fused, hf_packed
+from llmray_serve import hf_compiled, hf_fused, hf_packed
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,15 @@ def load_model(
     ipex: bool = False,
     packed_batch: int = 0,
     fuse: bool = False,
+    compile_decode: bool = False,
 ) -> tuple[Any, Precision]:
     """The model on `device`, in eval mode, and the precision it runs in. With
     `packed_batch` (the decode batch), a CPU model's linear layers run on oneDNN-prepacked
     weights (hf_packed.py), and with `fuse` too, a Llama-family layer's q/k/v and gate/up
     projections run as one product each (hf_fused.py; not with LoRA adapters, which wrap the
-    separate projections): the model is then for inference only."""
+    separate projections): the model is then for inference only. `compile_decode`
+    (spec.compileDecode, with `fuse`): one-token steps run as one compiled graph
+    (hf_compiled.py; compiled at the first such step)."""
     resolved = resolve(device, dtype, quantization)
     torch_dtype = getattr(torch, resolved.dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -96,9 +99,14 @@ def load_model(
     if quantization == "int8":
         quantize_int8(model)
     elif packed_batch and device == "cpu" and not ipex:
+        compiled = None
         if fuse and hf_packed.available(torch_dtype):
             hf_fused.fuse_projections(model)
+            if compile_decode:  # before packing: it takes the dense weights
+                compiled = hf_compiled.CompiledDecode.of(model)
         hf_packed.pack_linears(model, packed_batch)
+        if compiled is not None:
+            compiled.install(model)
     if ipex:
         try:
             import intel_extension_for_pytorch as ipex_mod  # type: ignore[import-not-found]
