@@ -57,6 +57,7 @@ async def test_compiled_steps_answer_as_the_plain_model_alone_and_side_by_side(t
 
 
 def test_a_model_it_cannot_compile_runs_eagerly_and_says_why(tiny_model, caplog) -> None:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from llmray_serve.hf_compiled import CompiledDecode, why_not
@@ -66,6 +67,8 @@ def test_a_model_it_cannot_compile_runs_eagerly_and_says_why(tiny_model, caplog)
     assert "not a Llama-family model" in why_not(gpt2)
     unfused, _ = load_model(tiny_model, dtype="float32")  # adapters keep the layers unfused
     assert "not fused" in why_not(unfused)
+    bf16, _ = load_model(tiny_model, dtype="float32")
+    assert "only float32" in why_not(bf16.to(torch.bfloat16))
     with caplog.at_level("WARNING"):
         assert CompiledDecode.of(unfused) is None
     assert "compileDecode: the decode step runs eagerly" in caplog.text

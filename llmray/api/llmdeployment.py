@@ -179,12 +179,13 @@ class LLMDeploymentSpec(Model):
     )
     compileDecode: bool = Field(
         default=False,
-        description="transformers engine on CPU: run a one-request decode step as one "
-        "torch.compile graph (inductor's C++ matrix kernels), ~1.6x the single-stream "
-        "tokens/s on SmolLM2-135M. A replica starts about a minute later (it compiles "
-        "before it is ready) and holds a second, packed copy of the linear weights. "
-        "Llama-family models without sliding-window attention and without adapters; "
-        "others run eagerly, with a warning in the log. vllm: ignored.",
+        description="transformers engine on CPU, float32: run a one-request decode step as "
+        "one torch.compile graph (inductor's C++ matrix kernels), ~1.4x the single-stream "
+        "tokens/s on SmolLM2-135M. A replica starts about 40 s later (it compiles before it "
+        "is ready) and holds a second, packed copy of the linear weights. Llama-family "
+        "models without sliding-window attention and without adapters; others, and a "
+        "replica without a C++ compiler, run eagerly, with a warning in the log. "
+        "vllm: ignored.",
     )
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Replica hardware.")
     scaling: Scaling = Field(default_factory=Scaling, description="Replica autoscaling.")

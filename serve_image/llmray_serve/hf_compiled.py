@@ -5,7 +5,7 @@ eager PyTorch on CPU those products run at a fraction of the memory bandwidth (M
 or oneDNN's prepacked matmul in hf_packed.py), and the hundreds of small ops around them
 (norms, rotary, residuals) each pay a dispatch. Inductor's C++ GEMM template (torch.compile
 with freezing and max-autotune) packs each weight into its own blocked layout and streams it
-at close to the machine's bandwidth: SmolLM2-135M's 121 fused products take ~11 ms per
+at close to the machine's bandwidth: SmolLM2-135M's 121 fused products took 10.6-14.4 ms per
 one-row pass against ~29 ms prepacked (BENCHMARKS.md, "A compiled decode step").
 
 The step is one inductor graph over the whole model, for steps of exactly one token (one
@@ -19,7 +19,8 @@ prefill, several requests, a prompt scored for echo) runs the eager model as bef
 The costs, why it is opt-in: the first step compiles (about a minute for SmolLM2-135M on 2
 cores; the replica reports ready after it), and the compiled graph holds its own packed copy
 of the linear weights beside the eager model's. Llama-family models whose attention and MLP
-hf_fused.py fuses, full attention in every layer (no sliding window), float32 or bfloat16.
+hf_fused.py fuses, full attention in every layer (no sliding window), float32 (in bfloat16
+it was measured no faster than the eager step); another model runs eagerly, with a warning.
 
     step = CompiledDecode.of(model)   # before pack_linears: it keeps the dense weights
     step.install(model)               # model(...) now runs one-token steps compiled
@@ -47,7 +48,9 @@ INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
 }
-COMPILED_DTYPES = (torch.float32, torch.bfloat16)
+# float32 only: in bfloat16 (avx512_bf16, SmolLM2-135M) the compiled step was measured no
+# faster than the eager prepacked one (19.5-24 against 22-24 ms per token).
+COMPILED_DTYPES = (torch.float32,)
 # The batch arguments that are not the attention's (the graph takes ids, positions, rows).
 _NOT_ATTENTION = {
     "input_ids",
@@ -86,7 +89,7 @@ def why_not(model: Any) -> str | None:
     if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
         return f"{type(model).__name__} is not a Llama-family model"
     if model.dtype not in COMPILED_DTYPES:
-        return f"{model.dtype} is not float32 or bfloat16"
+        return f"{model.dtype}: only float32 runs faster compiled (bfloat16 did not)"
     if next(model.parameters()).device.type != "cpu":
         return "the model is not on the CPU"
     if getattr(config, "hidden_act", "silu") != "silu":
