@@ -103,10 +103,8 @@ class TransformersEngine(TokenizerPrompts):
             ipex=ipex,
             packed_batch=max_batch,
             fuse=not adapters,
-            compile_decode=compile_decode and not adapters,
+            compile_decode=compile_decode,
         )
-        if compile_decode and adapters:
-            log.warning("compileDecode: not with LoRA adapters; the decode step runs eagerly")
         # The one-token step compiled (hf_compiled.CompiledDecode), or None.
         self.compiled = getattr(model.forward, "compiled", None)
         self.model, self.device = model, device

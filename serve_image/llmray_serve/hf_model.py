@@ -88,7 +88,7 @@ def load_model(
     weights (hf_packed.py), and with `fuse` too, a Llama-family layer's q/k/v and gate/up
     projections run as one product each (hf_fused.py; not with LoRA adapters, which wrap the
     separate projections): the model is then for inference only. `compile_decode`
-    (spec.compileDecode, with `fuse`): one-token steps run as one compiled graph
+    (spec.compileDecode, fused models only): one-token steps run as one compiled graph
     (hf_compiled.py; compiled at the first such step)."""
     resolved = resolve(device, dtype, quantization)
     torch_dtype = getattr(torch, resolved.dtype)
@@ -99,11 +99,11 @@ def load_model(
     if quantization == "int8":
         quantize_int8(model)
     elif packed_batch and device == "cpu" and not ipex:
-        compiled = None
         if fuse and hf_packed.available(torch_dtype):
             hf_fused.fuse_projections(model)
-            if compile_decode:  # before packing: it takes the dense weights
-                compiled = hf_compiled.CompiledDecode.of(model)
+        # Before packing: it takes the dense weights (None, with the reason logged, where
+        # the model cannot be compiled, e.g. unfused for adapters).
+        compiled = hf_compiled.CompiledDecode.of(model) if compile_decode else None
         hf_packed.pack_linears(model, packed_batch)
         if compiled is not None:
             compiled.install(model)
